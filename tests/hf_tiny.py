@@ -1,0 +1,184 @@
+"""Tiny random Hugging Face LLaVA checkpoints, built locally and saved in the *hub* layout.
+
+Test-only (imports torch). Each builder returns the directory it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_TOKEN = "<image>"
+
+_CORPUS = [
+    "A chat between a curious human and an artificial intelligence assistant.",
+    "The assistant gives helpful, detailed, and polite answers to the human's questions.",
+    "USER: ASSISTANT: What is in the image? Describe the photo in detail.",
+    "How many circles are there? What colour is the square? Is there a red triangle?",
+    "the cat sits on a mat near the window; a woman in a space suit holds a helmet.",
+    "coffee cup, rocket, astronaut, flag, table, yes, no, one two three four five six.",
+]
+
+
+def build_tokenizer(out_dir: Path, vocab_size: int = 300):
+    """A small byte-level BPE tokenizer with <s>, </s>, <unk>, <pad> and <image>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    from tokenizers import processors
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def tiny_config_dict(
+    *,
+    vocab_size: int,
+    image_token_id: int,
+    pad_token_id: int,
+    num_kv_heads: int = 4,
+    vision_feature_layer: int = -2,
+    strategy: str = "default",
+    text_layers: int = 4,
+    tie: bool = False,
+    image_size: int = 32,
+    patch_size: int = 8,
+    head_dim: int | None = None,
+) -> dict:
+    text = {
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": text_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": num_kv_heads,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": tie,
+        "pad_token_id": pad_token_id,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    if head_dim is not None:
+        text["head_dim"] = head_dim
+    return {
+        "model_type": "llava",
+        "vision_config": {
+            "model_type": "clip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "projection_dim": 32,
+        },
+        "text_config": text,
+        "image_token_index": image_token_id,
+        "projector_hidden_act": "gelu",
+        "vision_feature_layer": vision_feature_layer,
+        "vision_feature_select_strategy": strategy,
+        "tie_word_embeddings": tie,
+        "pad_token_id": pad_token_id,
+    }
+
+
+def hub_state_dict(model) -> dict:
+    """transformers 5 state dict renamed to the hub layout of llava-hf checkpoints."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("model.language_model."):
+            k = "language_model.model." + k[len("model.language_model."):]
+        elif k.startswith("model.vision_tower."):
+            k = "vision_tower.vision_model." + k[len("model.vision_tower."):]
+        elif k.startswith("model.multi_modal_projector."):
+            k = "multi_modal_projector." + k[len("model.multi_modal_projector."):]
+        elif k.startswith("lm_head."):
+            k = "language_model." + k
+        out[k] = v.detach().contiguous().clone()
+    return out
+
+
+def build_tiny_llava(out_dir: Path, *, seed: int = 0, shards: int = 2, layout: str = "hub", **cfg_kw):
+    """Write a random tiny LLaVA (config, sharded safetensors, tokenizer, processor) to out_dir.
+
+    layout: "hub" (llava-hf names) or "v5" (transformers 5 save_pretrained names).
+    Returns (out_dir, torch_model, processor).
+    """
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out_dir)
+    image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    cfg = tiny_config_dict(
+        vocab_size=len(tok), image_token_id=image_token_id, pad_token_id=tok.pad_token_id, **cfg_kw
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(LlavaConfig(**_config_kwargs(cfg))).eval()
+    # Random init leaves norms at 1 and biases at 0; perturb them so parity tests see them.
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name or "layrnorm" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.mul_(2.0)  # wider logits make greedy decoding less tie-prone
+    state = hub_state_dict(model) if layout == "hub" else {
+        k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
+    }
+    if cfg["tie_word_embeddings"]:
+        state = {k: v for k, v in state.items() if "lm_head" not in k}
+    names = sorted(state)
+    chunks = np.array_split(np.arange(len(names)), shards)
+    weight_map = {}
+    for i, idx in enumerate(chunks):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {names[j]: state[names[j]] for j in idx}
+        save_file(part, str(out_dir / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in part})
+    (out_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1)
+    )
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=1))
+    v = cfg["vision_config"]
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": v["image_size"]},
+        crop_size={"height": v["image_size"], "width": v["image_size"]},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=v["patch_size"],
+        vision_feature_select_strategy=cfg["vision_feature_select_strategy"],
+        num_additional_image_tokens=1, image_token=IMAGE_TOKEN,
+    )
+    processor.save_pretrained(out_dir)
+    return out_dir, model, processor
+
+
+def _config_kwargs(cfg: dict) -> dict:
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    kw = {k: v for k, v in cfg.items() if k not in ("vision_config", "text_config", "model_type")}
+    kw["vision_config"] = CLIPVisionConfig(**{k: v for k, v in cfg["vision_config"].items() if k != "model_type"})
+    kw["text_config"] = LlamaConfig(**{k: v for k, v in cfg["text_config"].items() if k != "model_type"})
+    return kw
