@@ -1,0 +1,46 @@
+"""Convert a local Hugging Face LLaVA directory to an ep_jax checkpoint.
+
+    python convert/hf_to_ep.py SRC DST [--dtype float32|bfloat16]
+
+SRC holds config.json, *.safetensors (sharded with an index, or single), the tokenizer and the
+processor files. Tensors are streamed shard by shard into the converted (stacked) layout, so
+the peak memory is about the converted model plus one tensor (see README).
+"""
+
+import argparse
+import sys
+import time
+
+
+def _peak_rss_mib() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return float("nan")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("src", help="Hugging Face LLaVA directory")
+    p.add_argument("dst", help="output ep_jax checkpoint directory")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    args = p.parse_args(argv)
+
+    from ep_jax.checkpoint import convert_hf
+    from ep_jax.config import ConfigError
+    from ep_jax.hf import CheckpointError
+
+    t0 = time.perf_counter()
+    try:
+        out = convert_hf(args.src, args.dst, dtype=args.dtype)
+    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    peak_mib = _peak_rss_mib()
+    print(f"wrote {out} ({args.dtype}) in {time.perf_counter() - t0:.1f}s, peak RSS {peak_mib:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,495 @@
+"""Synthetic visual-question-answering scenes over real photographs.
+
+Each sample is a few flat-coloured, dark-outlined shapes composited (without overlap, fully
+inside the frame) over a toned-down crop of a real photo, plus one question with a one-word
+answer that is exact by construction. It is the training and evaluation data for the small
+LLaVA model shipped with ep_jax, so it must be:
+
+- deterministic per sample: sample ``i`` of ``(split, seed)`` is drawn from
+  ``np.random.default_rng([SPLIT_IDS[split], seed, i])`` alone, so any index can be rebuilt
+  without generating the ones before it, and the splits never share a random stream;
+- split by photo: every background photo belongs to exactly one split (``PHOTOS``), so
+  val/test measure generalisation to unseen backgrounds, not memorised pixels;
+- balanced: the question type cycles with the index (``QUESTION_TYPES[i % 5]``), the yes/no
+  answer alternates, and every other answer is drawn uniformly *before* the scene is built
+  around it, so no answer prior beats chance;
+- unambiguous: backgrounds are blurred, desaturated and squeezed into mid-grey luminance, so
+  no background pixel is as saturated as any object colour, and objects carry a dark outline.
+
+Photos are those that ship inside the scikit-image and scikit-learn wheels (no download).
+
+    python -m ep_jax.data.scenes --out /tmp/scenes --n 8 --split test
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import itertools
+import json
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+# Vocabulary
+
+SHAPES = ("circle", "square", "triangle", "star")
+COLORS = {  # well separated in RGB and hue; all far more saturated than any toned background
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 80, 235),
+    "yellow": (245, 215, 30),
+    "purple": (150, 50, 205),
+    "orange": (255, 135, 0),
+}
+SIZES = ("small", "large")
+QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
+MAX_OBJECTS = 6
+COUNT_ANSWERS = tuple(str(k) for k in range(MAX_OBJECTS + 1))  # digits, "0".."6"
+
+QUESTION_TYPES = ("color", "shape", "count", "exist", "position")
+ANSWERS = (*COLORS, *SHAPES, *COUNT_ANSWERS, "yes", "no", *QUADRANTS)
+
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+
+# Background photos per split, disjoint. Synthetic images (checkerboard, logo, colorwheel),
+# near-empty ones (cell, clock), the screenshot `page`, and files that need a pooch download
+# (brain, eagle, lily, ...) are excluded. `cat` is the same file as `chelsea`; only the left
+# view of `stereo_motorcycle` is used.
+PHOTOS = {
+    "train": (
+        "astronaut", "coffee", "rocket", "camera", "coins", "hubble_deep_field",
+        "immunohistochemistry", "retina", "grass", "brick", "text",
+    ),
+    "val": ("china", "motorcycle", "gravel"),
+    "test": ("chelsea", "flower", "moon"),
+}
+
+_TEMPLATES = {
+    "color": "What color is the {shape}?",
+    "shape": "What shape is the {color} object?",
+    "count_shape": "How many {shape}s are there?",
+    "count_all": "How many objects are there?",
+    "exist": "Is there {article} {color} {shape}?",
+    "position": "In which quadrant is the {color} {shape}?",
+}
+
+# Geometry, as fractions of the image side. `s` is an object's visual size; each shape's
+# constants make the four shapes of one size class look about equally big.
+_SIZE_FRACTION = {"small": 0.055, "large": 0.09}
+_SIZE_JITTER = 0.08
+_CIRCUMRADIUS = {"circle": 1.0, "square": 0.88 * math.sqrt(2.0), "triangle": 1.4, "star": 1.4}
+_STAR_INNER = 0.5  # inner/outer radius of the star's concave vertices
+_MAX_ROTATION_DEG = 10.0
+_BORDER_MARGIN = 0.02  # object to image edge
+_OBJECT_GAP = 0.03  # between circumscribed circles of two objects
+_CENTRE_LINE_MARGIN = 0.02  # a position target keeps this far off both centre lines
+_OUTLINE = 0.009  # outline width
+_OUTLINE_RGB = np.array((25, 25, 25), np.float32)
+_COLOR_JITTER = 10  # per-channel, keeps the nearest palette colour unambiguous
+_SUPERSAMPLE = 4  # antialiasing of the shape masks
+
+# Background toning: keep photo structure, remove what could be mistaken for an object.
+_SATURATION = 0.3
+_LUMA_RANGE = (70.0, 195.0)
+_BLUR_OUTPUT_PX = 0.8  # Gaussian radius at output scale for a mid-sized crop
+_CROP_FRACTION = (0.45, 1.0)  # crop side / photo's short side
+_PHOTO_SHORT_SIDE = 2.2  # cached photos keep at most this many output sides of resolution
+
+_PLACEMENT_TRIES = 60
+_SCENE_TRIES = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneObject:
+    """One painted object. Coordinates are pixels, origin top-left, x to the right.
+
+    Every painted pixel lies inside `bbox` and inside the circle of `radius` around `center`.
+    """
+
+    shape: str
+    color: str
+    size: str
+    center: tuple[float, float]  # (x, y)
+    radius: float  # circumradius
+    bbox: tuple[float, float, float, float]  # (x0, y0, x1, y1)
+    rgb: tuple[int, int, int]  # fill colour actually painted (palette colour + jitter)
+    rotation_deg: float
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Sample:
+    image: np.ndarray  # uint8 [H, W, 3]
+    question: str
+    answer: str
+    qtype: str
+    objects: tuple[SceneObject, ...]
+    background: str  # photo name, see PHOTOS
+    split: str
+    seed: int
+    index: int
+
+    def to_json(self) -> dict:
+        """Everything but the pixels, JSON-serialisable."""
+        record = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "image"}
+        record["objects"] = [dataclasses.asdict(o) for o in self.objects]
+        record["image_size"] = int(self.image.shape[0])
+        return record
+
+
+# Public API
+
+
+def make_sample(split: str, index: int, seed: int = 0, image_size: int = 224) -> Sample:
+    """Sample `index` of the `(split, seed)` stream; independent of every other index."""
+    _check_args(split, seed, image_size)
+    if index < 0:
+        raise ValueError(f"index must be >= 0, got {index}")
+    rng = np.random.default_rng([SPLIT_IDS[split], seed, index])
+    qtype = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+    # The yes/no answer alternates over successive exist questions: exactly balanced.
+    exist_yes = (index // len(QUESTION_TYPES)) % 2 == 0
+    question, answer, specs, quadrant = _QUESTION_BUILDERS[qtype](rng, exist_yes)
+    objects = _place_objects(rng, specs, quadrant, image_size)
+    background = PHOTOS[split][rng.integers(len(PHOTOS[split]))]
+    image = _background_crop(rng, background, image_size)
+    for obj in objects:
+        _paint(image, obj, image_size)
+    return Sample(
+        image=np.clip(np.rint(image), 0, 255).astype(np.uint8),
+        question=question,
+        answer=answer,
+        qtype=qtype,
+        objects=objects,
+        background=background,
+        split=split,
+        seed=seed,
+        index=index,
+    )
+
+
+def generate(split: str, n: int, seed: int = 0, image_size: int = 224) -> list[Sample]:
+    """Samples 0..n-1 of the `(split, seed)` stream."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return list(iterate(split, seed, image_size, stop=n))
+
+
+def iterate(
+    split: str, seed: int = 0, image_size: int = 224, start: int = 0, stop: int | None = None
+) -> Iterator[Sample]:
+    """Samples start, start+1, ... (endless when `stop` is None) of the `(split, seed)` stream."""
+    _check_args(split, seed, image_size)
+    indices = itertools.count(start) if stop is None else range(start, stop)
+    for index in indices:
+        yield make_sample(split, index, seed, image_size)
+
+
+def tokenizer_corpus() -> list[str]:
+    """Every question the generator can ask and every answer, one per line, fixed order."""
+    lines = [_TEMPLATES["count_all"]]
+    for shape in SHAPES:
+        lines += [_TEMPLATES["color"].format(shape=shape), _TEMPLATES["count_shape"].format(shape=shape)]
+    for color in COLORS:
+        lines.append(_TEMPLATES["shape"].format(color=color))
+        for shape in SHAPES:
+            lines.append(_exist_question(color, shape))
+            lines.append(_TEMPLATES["position"].format(color=color, shape=shape))
+    return lines + list(ANSWERS)
+
+
+def quadrant_of(x: float, y: float, image_size: int) -> str:
+    half = image_size / 2
+    return QUADRANTS[2 * int(y >= half) + int(x >= half)]
+
+
+def _check_args(split: str, seed: int, image_size: int) -> None:
+    if split not in SPLIT_IDS:
+        raise ValueError(f"unknown split {split!r}; choose one of {sorted(SPLIT_IDS)}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0 (it seeds numpy's SeedSequence), got {seed}")
+    if image_size < 64:
+        raise ValueError(f"image_size {image_size} is too small for six objects; use >= 64")
+
+
+# Questions: the answer is drawn first, then the object list is built to make it true.
+# A spec is (shape, color, size); builders return (question, answer, specs, target quadrant).
+# Specs with a quadrant put the target first; the others may go anywhere.
+
+Spec = tuple[str, str, str]
+
+
+def _choice(rng: np.random.Generator, options) -> str:
+    return options[rng.integers(len(options))]
+
+
+def _random_spec(rng: np.random.Generator, allowed: Callable[[str, str], bool] = lambda c, s: True) -> Spec:
+    while True:
+        shape, color = _choice(rng, SHAPES), _choice(rng, tuple(COLORS))
+        if allowed(color, shape):
+            return shape, color, _choice(rng, SIZES)
+
+
+def _n_objects(rng: np.random.Generator, low: int = 1) -> int:
+    return int(rng.integers(low, MAX_OBJECTS + 1))
+
+
+def _exist_question(color: str, shape: str) -> str:
+    article = "an" if color[0] in "aeiou" else "a"
+    return _TEMPLATES["exist"].format(article=article, color=color, shape=shape)
+
+
+def _color_question(rng, _):
+    shape, color = _choice(rng, SHAPES), _choice(rng, tuple(COLORS))
+    target = (shape, color, _choice(rng, SIZES))
+    others = [_random_spec(rng, lambda c, s: s != shape) for _ in range(_n_objects(rng) - 1)]
+    return _TEMPLATES["color"].format(shape=shape), color, [target, *others], None
+
+
+def _shape_question(rng, _):
+    shape, color = _choice(rng, SHAPES), _choice(rng, tuple(COLORS))
+    target = (shape, color, _choice(rng, SIZES))
+    others = [_random_spec(rng, lambda c, s: c != color) for _ in range(_n_objects(rng) - 1)]
+    return _TEMPLATES["shape"].format(color=color), shape, [target, *others], None
+
+
+def _count_question(rng, _):
+    if rng.random() < 0.5:
+        n = _n_objects(rng)
+        return _TEMPLATES["count_all"], str(n), [_random_spec(rng) for _ in range(n)], None
+    shape = _choice(rng, SHAPES)
+    k = int(rng.integers(0, MAX_OBJECTS + 1))
+    specs = [_random_spec(rng, lambda c, s: s == shape) for _ in range(k)]
+    specs += [_random_spec(rng, lambda c, s: s != shape) for _ in range(_n_objects(rng, max(k, 1)) - k)]
+    return _TEMPLATES["count_shape"].format(shape=shape), str(k), specs, None
+
+
+def _exist_question_specs(rng, exist_yes):
+    shape, color = _choice(rng, SHAPES), _choice(rng, tuple(COLORS))
+    n = _n_objects(rng)
+    not_pair = lambda c, s: (c, s) != (color, shape)  # noqa: E731
+    if exist_yes:
+        specs = [(shape, color, _choice(rng, SIZES))]
+    elif n >= 2 and rng.random() < 0.5:
+        # Distractors that share the colour or the shape, so "no" needs binding, not presence.
+        specs = [
+            _random_spec(rng, lambda c, s: c == color and s != shape),
+            _random_spec(rng, lambda c, s: s == shape and c != color),
+        ]
+    else:
+        specs = []
+    specs += [_random_spec(rng, not_pair if not exist_yes else (lambda c, s: True)) for _ in range(n - len(specs))]
+    return _exist_question(color, shape), "yes" if exist_yes else "no", specs, None
+
+
+def _position_question(rng, _):
+    shape, color, quadrant = _choice(rng, SHAPES), _choice(rng, tuple(COLORS)), _choice(rng, QUADRANTS)
+    target = (shape, color, _choice(rng, SIZES))
+    others = [_random_spec(rng, lambda c, s: (c, s) != (color, shape)) for _ in range(_n_objects(rng) - 1)]
+    question = _TEMPLATES["position"].format(color=color, shape=shape)
+    return question, quadrant, [target, *others], quadrant
+
+
+_QUESTION_BUILDERS = {
+    "color": _color_question,
+    "shape": _shape_question,
+    "count": _count_question,
+    "exist": _exist_question_specs,
+    "position": _position_question,
+}
+
+
+# Geometry and placement
+
+
+def _outline_points(shape: str, scale: float, rotation_deg: float) -> np.ndarray:
+    """Polygon vertices [V, 2] (x, y) around the origin, pointing up; circles return []."""
+    radius = _CIRCUMRADIUS[shape] * scale
+    rot = math.radians(rotation_deg)
+    if shape == "circle":
+        return np.zeros((0, 2))
+    if shape == "square":
+        angles = np.pi / 4 + np.arange(4) * np.pi / 2
+        radii = np.full(4, radius)
+    elif shape == "triangle":
+        angles = -np.pi / 2 + np.arange(3) * 2 * np.pi / 3
+        radii = np.full(3, radius)
+    elif shape == "star":
+        angles = -np.pi / 2 + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, radius, radius * _STAR_INNER)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {SHAPES}")
+    return np.stack([radii * np.cos(angles + rot), radii * np.sin(angles + rot)], axis=1)
+
+
+def _extent(shape: str, scale: float, rotation_deg: float) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) of the shape around the origin."""
+    if shape == "circle":
+        return -scale, -scale, scale, scale
+    points = _outline_points(shape, scale, rotation_deg)
+    return (*points.min(axis=0), *points.max(axis=0))
+
+
+def _place_objects(
+    rng: np.random.Generator, specs: list[Spec], quadrant: str | None, image_size: int
+) -> tuple[SceneObject, ...]:
+    """Rejection-sample non-overlapping positions; the first spec goes into `quadrant` if set."""
+    S = float(image_size)
+    border, gap = _BORDER_MARGIN * S, _OBJECT_GAP * S
+    # Draw each object's look once, so a re-placement only moves objects.
+    looks = []
+    for shape, color, size in specs:
+        scale = _SIZE_FRACTION[size] * S * (1 + rng.uniform(-_SIZE_JITTER, _SIZE_JITTER))
+        rotation = 0.0 if shape == "circle" else float(rng.uniform(-_MAX_ROTATION_DEG, _MAX_ROTATION_DEG))
+        jitter = rng.integers(-_COLOR_JITTER, _COLOR_JITTER + 1, size=3)
+        rgb = tuple(int(v) for v in np.clip(np.array(COLORS[color]) + jitter, 0, 255))
+        looks.append((scale, rotation, rgb))
+    # Big objects first packs better; the quadrant target goes first regardless.
+    order = sorted(range(len(specs)), key=lambda i: (quadrant is None or i != 0, -looks[i][0]))
+
+    for _ in range(_SCENE_TRIES):
+        placed: dict[int, SceneObject] = {}
+        for i in order:
+            shape, color, size = specs[i]
+            scale, rotation, rgb = looks[i]
+            dx0, dy0, dx1, dy1 = _extent(shape, scale, rotation)
+            lo_x, hi_x, lo_y, hi_y = border - dx0, S - border - dx1, border - dy0, S - border - dy1
+            if quadrant is not None and i == 0:
+                half, line = S / 2, _CENTRE_LINE_MARGIN * S
+                right, bottom = quadrant.endswith("right"), quadrant.startswith("bottom")
+                lo_x, hi_x = (half + line - dx0, hi_x) if right else (lo_x, half - line - dx1)
+                lo_y, hi_y = (half + line - dy0, hi_y) if bottom else (lo_y, half - line - dy1)
+            radius = _CIRCUMRADIUS[shape] * scale
+            for _ in range(_PLACEMENT_TRIES):
+                x, y = rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)
+                if all(math.hypot(x - o.center[0], y - o.center[1]) > radius + o.radius + gap for o in placed.values()):
+                    placed[i] = SceneObject(
+                        shape=shape,
+                        color=color,
+                        size=size,
+                        center=(float(x), float(y)),
+                        radius=float(radius),
+                        bbox=(float(x + dx0), float(y + dy0), float(x + dx1), float(y + dy1)),
+                        rgb=rgb,
+                        rotation_deg=rotation,
+                    )
+                    break
+            else:
+                break
+        if len(placed) == len(specs):
+            # List order carries no information: the target is not always first.
+            return tuple(placed[i] for i in rng.permutation(len(specs)))
+    raise RuntimeError(f"could not place {len(specs)} objects in a {image_size}px image")
+
+
+# Pixels
+
+
+def _load_photo(name: str) -> np.ndarray:
+    """uint8 [H, W, 3] from the files inside the scikit-image / scikit-learn wheels."""
+    if name in ("china", "flower"):
+        from sklearn.datasets import load_sample_image
+
+        return load_sample_image(f"{name}.jpg")
+    import skimage.data
+
+    if name == "motorcycle":
+        photo = skimage.data.stereo_motorcycle()[0]
+    else:
+        photo = getattr(skimage.data, name)()
+    photo = np.asarray(photo)
+    if photo.ndim == 2:
+        photo = np.repeat(photo[..., None], 3, axis=2)
+    return np.ascontiguousarray(photo[..., :3].astype(np.uint8))
+
+
+@functools.lru_cache(maxsize=None)
+def _toned_photo(name: str, image_size: int) -> Image.Image:
+    """The photo downscaled (never up), blurred, desaturated and dimmed; cached per size."""
+    photo = Image.fromarray(_load_photo(name))
+    short = min(photo.size)
+    target_short = min(short, round(_PHOTO_SHORT_SIDE * image_size))
+    if target_short < short:
+        factor = target_short / short
+        photo = photo.resize((round(photo.size[0] * factor), round(photo.size[1] * factor)), Image.BILINEAR, reducing_gap=2.0)
+    # A mid-sized crop maps `photo_short * 0.7` pixels onto `image_size`.
+    blur = _BLUR_OUTPUT_PX * min(photo.size) * 0.7 / image_size
+    pixels = np.asarray(photo.filter(ImageFilter.GaussianBlur(blur)), np.float32)
+    luma = pixels @ np.array([0.299, 0.587, 0.114], np.float32)
+    pixels = luma[..., None] + _SATURATION * (pixels - luma[..., None])
+    lo, hi = _LUMA_RANGE
+    pixels = lo + (hi - lo) / 255.0 * pixels
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+
+
+def _background_crop(rng: np.random.Generator, name: str, image_size: int) -> np.ndarray:
+    """float32 [S, S, 3]: a random square crop, randomly mirrored, resized to the output."""
+    photo = _toned_photo(name, image_size)
+    width, height = photo.size
+    side = rng.uniform(*_CROP_FRACTION) * min(width, height)
+    x0, y0 = rng.uniform(0, width - side), rng.uniform(0, height - side)
+    crop = photo.resize((image_size, image_size), Image.BILINEAR, box=(x0, y0, x0 + side, y0 + side))
+    if rng.random() < 0.5:
+        crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(crop, np.float32).copy()
+
+
+def _paint(image: np.ndarray, obj: SceneObject, image_size: int) -> None:
+    """Alpha-composite one outlined, antialiased object into `image` (float32, in place)."""
+    ss = _SUPERSAMPLE
+    x0, y0 = math.floor(obj.bbox[0]) - 1, math.floor(obj.bbox[1]) - 1
+    x1, y1 = math.ceil(obj.bbox[2]) + 1, math.ceil(obj.bbox[3]) + 1
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, image_size), min(y1, image_size)
+    w, h = x1 - x0, y1 - y0
+    cx, cy = (obj.center[0] - x0) * ss, (obj.center[1] - y0) * ss
+    outline = max(1.0, _OUTLINE * image_size) * ss
+    shape_mask, fill_mask = Image.new("L", (w * ss, h * ss), 0), Image.new("L", (w * ss, h * ss), 0)
+    draw_shape, draw_fill = ImageDraw.Draw(shape_mask), ImageDraw.Draw(fill_mask)
+    if obj.shape == "circle":
+        r = obj.radius * ss
+        draw_shape.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+        r -= outline
+        draw_fill.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+    else:
+        scale = obj.radius / _CIRCUMRADIUS[obj.shape]
+        points = [(cx + px * ss, cy + py * ss) for px, py in _outline_points(obj.shape, scale, obj.rotation_deg)]
+        draw_shape.polygon(points, fill=255)
+        draw_fill.polygon(points, fill=255)
+        # A line centred on the edge, twice the outline wide, erases `outline` inside the edge.
+        draw_fill.line(points + points[:1], fill=0, width=round(2 * outline), joint="curve")
+
+    def downsample(mask: Image.Image) -> np.ndarray:  # box filter, in C
+        return np.asarray(mask.reduce(ss), np.float32)[..., None] * (1.0 / 255.0)
+
+    alpha, fill = downsample(shape_mask), downsample(fill_mask)
+    colour = fill * np.array(obj.rgb, np.float32) + (1 - fill) * _OUTLINE_RGB
+    region = image[y0:y1, x0:x1]
+    region[...] = alpha * colour + (1 - alpha) * region
+
+
+# CLI
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Write example scenes as PNGs plus questions.jsonl.")
+    parser.add_argument("--out", type=Path, required=True, help="output directory (created)")
+    parser.add_argument("--n", type=int, default=8, help="number of samples")
+    parser.add_argument("--split", default="test", choices=sorted(SPLIT_IDS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--image-size", type=int, default=224)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "questions.jsonl", "w") as jsonl:
+        for sample in iterate(args.split, args.seed, args.image_size, stop=args.n):
+            file_name = f"{args.split}_{args.seed}_{sample.index:05d}.png"
+            Image.fromarray(sample.image).save(args.out / file_name)
+            jsonl.write(json.dumps({"file": file_name, **sample.to_json()}) + "\n")
+    print(f"wrote {args.n} samples to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

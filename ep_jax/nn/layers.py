@@ -1,0 +1,121 @@
+"""Building blocks shared by the vision tower and the decoder.
+
+Einsum letters (used in every file under `nn/`):
+  B batch, T query length, S key length, N query heads, K kv heads, G query heads per kv
+  head, H head dim, D model width, F MLP width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Bool, Float
+
+# Softmax mask value: finite so that a fully masked row (a padding query) gives a uniform
+# distribution instead of NaN.
+_MASK_VALUE = -1e30
+
+
+def param(rngs: nnx.Rngs | None, shape, dtype, init: str = "normal", std: float = 0.02) -> nnx.Param:
+    """A parameter initialised like Hugging Face does (normal(0, 0.02), ones, zeros)."""
+    if init == "ones":
+        return nnx.Param(jnp.ones(shape, dtype))
+    if init == "zeros" or rngs is None:
+        return nnx.Param(jnp.zeros(shape, dtype))
+    return nnx.Param((std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype))
+
+
+def stacked(make: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) -> nnx.Module:
+    """`num` copies of a module with every parameter stacked on a leading layer axis.
+
+    One module holds all layers so a `lax.scan` can run them: compile time does not grow
+    with depth.
+    """
+
+    @nnx.split_rngs(splits=num)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+        return make(rngs)
+
+    return create(rngs)
+
+
+def scan_layers(layers: nnx.Module, lo: int, hi: int, body, carry, xs=None):
+    """Run `body(layer, carry, x) -> (carry, y)` over the stacked layers `lo..hi-1`."""
+    graphdef, state = nnx.split(layers)
+    state = jax.tree.map(lambda a: a[lo:hi], state)
+
+    def step(carry, inputs):
+        layer_state, x = inputs
+        return body(nnx.merge(graphdef, layer_state), carry, x)
+
+    return jax.lax.scan(step, carry, (state, xs))
+
+
+def dense(x: Array, w: Array, spec: str) -> Array:
+    """einsum with float32 accumulation, result in the input dtype."""
+    return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def attend(
+    q: Float[Array, "b t n h"],
+    k: Float[Array, "b s k h"],
+    v: Float[Array, "b s k h"],
+    mask: Bool[Array, "b t s"] | None,
+) -> Float[Array, "b t n h"]:
+    """Scaled dot-product attention with grouped kv heads: the one attention in ep_jax."""
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (h**-0.5)
+    if mask is not None:
+        logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype).reshape(b, t, n, h)
+
+
+ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[Array], Array]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"activation {name!r} is not supported; known: {sorted(ACTIVATIONS)}") from None
+
+
+class LayerNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.scale = param(None, (dim,), dtype, "ones")
+        self.bias = param(None, (dim,), dtype, "zeros")
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.scale = param(None, (dim,), dtype, "ones")
+        self.eps = eps
+
+    def __call__(self, x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+        # As Hugging Face LLaMA: normalise in float32, cast back, then scale.
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+        return self.scale.value * y.astype(x.dtype)

@@ -1,0 +1,108 @@
+"""Model presets: per-checkpoint defaults (chat template, pruning layer K, budgets).
+
+One JSON file per supported checkpoint lives in `models/` at the repository root (or in the
+directory named by $EP_JAX_MODELS). A checkpoint directory may also carry its own
+`ep_preset.json`, which wins. A preset says where its K comes from: "paper" (the published
+setting) or "measured" (by `python -m ep_jax.ecl` on this code).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ep_jax.config import LlavaConfig
+
+
+class PresetError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    name: str
+    hf_id: str | None = None
+    template: str = "vicuna_v1"
+    prune_layer: int | None = None  # K, the Entropy Collapse Layer setting
+    prune_layer_source: str | None = None  # "paper" | "measured"
+    default_avg_keep: int | None = None  # A used when the user gives no budget
+    budgets: tuple[int, ...] = ()  # A values of the published tables
+    match: dict[str, Any] = dataclasses.field(default_factory=dict)  # config fields that identify it
+    supported: bool = True  # False: listed for its settings; ep_jax cannot run it yet
+    default: bool = False  # the shipped model `python -m ep_jax.generate` uses without --model
+    notes: str = ""
+    profile: dict[str, Any] | None = None  # measured entropy profile (python -m ep_jax.ecl)
+    path: Path | None = None
+
+    @classmethod
+    def from_file(cls, path: Path) -> "Preset":
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise PresetError(f"cannot read preset {path}: {e}") from None
+        d["budgets"] = tuple(d.get("budgets", ()))
+        fields = {f.name for f in dataclasses.fields(cls)} - {"path"}
+        unknown = set(d) - fields
+        if unknown:
+            raise PresetError(f"preset {path} has unknown fields {sorted(unknown)}")
+        return cls(**d, path=path)
+
+    def to_file(self, path: Path) -> None:
+        d = dataclasses.asdict(self)
+        d.pop("path")
+        d["budgets"] = list(self.budgets)
+        path.write_text(json.dumps(d, indent=1) + "\n")
+
+
+def models_dir() -> Path:
+    env = os.environ.get("EP_JAX_MODELS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "models"
+
+
+def all_presets() -> dict[str, Preset]:
+    root = models_dir()
+    files = sorted(root.glob("*.json")) + sorted(root.glob("*/preset.json"))
+    return {p.name: p for p in (Preset.from_file(f) for f in files)}
+
+
+def get(name: str) -> Preset:
+    presets = all_presets()
+    try:
+        return presets[name]
+    except KeyError:
+        raise PresetError(f"unknown preset {name!r}; known: {sorted(presets)}") from None
+
+
+def _flat_config(cfg: LlavaConfig) -> dict[str, Any]:
+    t, v = cfg.text, cfg.vision
+    return {
+        "text.num_layers": t.num_layers, "text.hidden_size": t.hidden_size, "text.vocab_size": t.vocab_size,
+        "text.num_heads": t.num_heads, "vision.image_size": v.image_size, "vision.patch_size": v.patch_size,
+        "vision.hidden_size": v.hidden_size, "image_seq_len": cfg.image_seq_len,
+    }
+
+
+def for_model(path: str | Path, cfg: LlavaConfig) -> Preset | None:
+    """The preset of a checkpoint: its own ep_preset.json, else one whose `match` fits the config."""
+    own = Path(path) / "ep_preset.json"
+    if own.exists():
+        return Preset.from_file(own)
+    flat = _flat_config(cfg)
+    for preset in all_presets().values():
+        if preset.match and all(flat.get(k) == v for k, v in preset.match.items()):
+            return preset
+    return None
+
+
+def default_model_path() -> Path:
+    """The small model shipped with ep_jax (models/<name>/ with "default": true in preset.json)."""
+    for preset in all_presets().values():
+        if preset.default and preset.path is not None and preset.path.name == "preset.json":
+            return preset.path.parent
+    raise PresetError(
+        "no shipped model found under models/; pass --model PATH (an ep_jax checkpoint or a Hugging Face "
+        "LLaVA directory; see README 'Converting a checkpoint')"
+    )

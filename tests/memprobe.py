@@ -1,0 +1,82 @@
+"""Write a random HF LLaVA checkpoint of a given size with numpy only, then (in a subprocess)
+convert it and report peak RSS. Used by test_convert to check that conversion streams."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def write_random_checkpoint(dst: Path, text_layers=8, hidden=512, vocab=32000, shards=4):
+    from safetensors.numpy import save_file
+
+    from ep_jax import hf
+    from ep_jax.checkpoint import _shapes, abstract_model
+    from ep_jax.config import LlavaConfig
+
+    hf_cfg = {
+        "model_type": "llava",
+        "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+        "text_config": {"model_type": "llama", "vocab_size": vocab, "hidden_size": hidden,
+                        "intermediate_size": 4 * hidden, "num_hidden_layers": text_layers,
+                        "num_attention_heads": 8, "num_key_value_heads": 8},
+        "image_token_index": 5,
+    }
+    cfg = LlavaConfig.from_hf_dict(hf_cfg)
+    _, state = abstract_model(cfg, np.float32)
+    shapes = _shapes(state)
+    rng = np.random.default_rng(0)
+    params = {}
+    for entry in hf.weight_table(cfg):
+        shape = shapes
+        for p in entry.path:
+            shape = shape[p]
+        params_leaf = params
+        for p in entry.path[:-1]:
+            params_leaf = params_leaf.setdefault(p, {})
+        params_leaf[entry.path[-1]] = np.zeros(shape, np.float32)
+    tensors = [(n, (rng.standard_normal(a.shape) * 0.02).astype(np.float32)) for n, a in hf.iter_hf_export(params, cfg)]
+    dst.mkdir(parents=True, exist_ok=True)
+    total = sum(a.nbytes for _, a in tensors)
+    per = total / shards
+    groups, size = [[]], 0
+    for n, a in tensors:
+        if size > per and len(groups) < shards:
+            groups.append([])
+            size = 0
+        groups[-1].append((n, a))
+        size += a.nbytes
+    weight_map = {}
+    for i, g in enumerate(groups):
+        f = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file(dict(g), str(dst / f))
+        weight_map.update({n: f for n, _ in g})
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (dst / "config.json").write_text(json.dumps(hf_cfg))
+    return total
+
+
+def peak_rss_mib() -> float:
+    """VmHWM: unlike ru_maxrss it is not inherited from the parent across fork/exec."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+if __name__ == "__main__":
+    # argv: src dst dtype -> prints "baseline_mib peak_mib"
+    import ep_jax.checkpoint  # noqa: F401  (imports before the baseline)
+    import jax
+    import orbax.checkpoint  # noqa: F401
+    from safetensors import safe_open  # noqa: F401
+
+    jax.numpy.zeros(1).block_until_ready()
+    base = peak_rss_mib()
+    from ep_jax.checkpoint import convert_hf
+
+    convert_hf(sys.argv[1], sys.argv[2], dtype=sys.argv[3], progress=False)
+    peak = peak_rss_mib()
+    print(f"{base:.1f} {peak:.1f}")
