@@ -51,7 +51,7 @@ def _prune_config(args, preset):
         method = "entropy" if preset is not None and preset.prune_layer is not None else "none"
     if method == "none":
         if args.keep is not None or args.keep_avg is not None or args.prune_layer is not None:
-            raise SystemExit("error: --keep/--keep-avg/--prune-layer need a pruning method (--prune entropy)")
+            raise ValueError("--keep/--keep-avg/--prune-layer need a pruning method (--prune entropy)")
         return None
     layer = args.prune_layer
     if layer is None:
@@ -60,13 +60,13 @@ def _prune_config(args, preset):
         try:
             layer = int(layer)
         except ValueError:
-            raise SystemExit(f"error: --prune-layer {layer!r}: give an int K >= 1 or 'auto'") from None
+            raise ValueError(f"--prune-layer {layer!r}: give an int K >= 1 or 'auto'") from None
     keep, avg = args.keep, args.keep_avg
     if keep is None and avg is None:
         if preset is not None and preset.default_avg_keep is not None:
             avg = preset.default_avg_keep
         else:
-            raise SystemExit("error: give a budget: --keep-avg A (e.g. 64) or --keep R")
+            raise ValueError("give a budget: --keep-avg A (e.g. 64) or --keep R")
     return PruneConfig(method=method, layer=layer, avg_keep=avg, keep=keep, source=args.score_source)
 
 

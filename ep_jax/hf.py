@@ -248,7 +248,9 @@ def read_hf_weights(
             seen.add(name)  # present, reported as mis-shaped rather than missing
             continue
         # Assignment casts and copies in one pass: no converted temporary of the tensor.
-        value = kind.load(arr, slot_shape).reshape(slot_shape)
+        value = kind.load(arr, slot_shape)
+        if value.shape != slot_shape:  # only "copy" tensors stored flat; a view, no copy
+            value = value.reshape(slot_shape)
         if layer is None:
             target[...] = value
         else:

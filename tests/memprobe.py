@@ -58,12 +58,34 @@ def write_random_checkpoint(dst: Path, text_layers=8, hidden=512, vocab=32000, s
     return total
 
 
-def peak_rss_mib() -> float:
-    """VmHWM: unlike ru_maxrss it is not inherited from the parent across fork/exec."""
+def anon_rss_mib() -> float:
+    """Anonymous resident memory: what the process allocated, without the page cache of the
+    memory-mapped shards (reclaimable, so it does not count against RAM)."""
     for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
+        if line.startswith("RssAnon:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+class PeakSampler:
+    """Polls anonymous RSS every millisecond in a thread and keeps the maximum."""
+
+    def __init__(self):
+        import threading
+
+        self.peak = anon_rss_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, anon_rss_mib())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, anon_rss_mib())
 
 
 if __name__ == "__main__":
@@ -74,9 +96,10 @@ if __name__ == "__main__":
     from safetensors import safe_open  # noqa: F401
 
     jax.numpy.zeros(1).block_until_ready()
-    base = peak_rss_mib()
     from ep_jax.checkpoint import convert_hf
 
+    base = anon_rss_mib()
+    sampler = PeakSampler()
     convert_hf(sys.argv[1], sys.argv[2], dtype=sys.argv[3], progress=False)
-    peak = peak_rss_mib()
+    peak = sampler.stop()
     print(f"{base:.1f} {peak:.1f}")

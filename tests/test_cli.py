@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import photo
 from PIL import Image
@@ -75,3 +76,30 @@ def test_cli_bad_input_is_one_clear_line(case, ckpt, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_cli_pruning_report_json_and_explain(ckpt, tmp_path):
+    model = ckpt / "model"
+    args = ("--model", model, "--image", ckpt / "astronaut.png", "--prompt", "Describe it.", "--max-new-tokens", "4",
+            "--prune", "entropy", "--prune-layer", "2", "--keep-avg", "8")
+    r = cli(*args)
+    assert r.returncode == 0, r.stderr
+    report = r.stderr.strip().splitlines()[-1]
+    # tiny model: L=4 layers, N=16 visual tokens; A=8 at K=2 -> R = floor((4*8 - 2*16) / 2) = 0
+    assert "[entropy] K=2" in report and "R=0/16" in report and "prefill FLOPs -" in report
+    r = cli(*args[:-1], "12", "--json", "--explain", tmp_path / "explain.png")
+    assert r.returncode == 0, r.stderr
+    prune = json.loads(r.stdout)["prune"]
+    assert prune["method"] == "entropy" and prune["layer"] == 2 and prune["keep"] == 8
+    assert prune["num_visual"] == 16 and prune["kept_tokens"] == prune["total_tokens"] - 8
+    assert 0 < prune["flops_reduction"] < 1 and prune["kv_bytes_saved"] > 0
+    img = Image.open(tmp_path / "explain.png")
+    assert img.size[0] > 2 * img.size[1] * 0.8 and img.size[1] >= 300
+    pixels = np.asarray(img.convert("RGB")).reshape(-1, 3).astype(int)
+    yellow = (pixels[:, 0] > 200) & (pixels[:, 1] > 200) & (pixels[:, 2] < 80)
+    assert yellow.sum() > 50  # the outlines of the kept patches are drawn
+
+
+def test_cli_prune_needs_a_budget(ckpt):
+    r = cli("--model", ckpt / "model", "--image", ckpt / "astronaut.png", "--prompt", "hi", "--prune", "entropy")
+    assert r.returncode != 0 and "budget" in r.stderr
