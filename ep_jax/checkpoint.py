@@ -3,7 +3,7 @@
 An ep_jax checkpoint directory holds:
   ep_config.json   the model config (ep_jax's dataclasses) and the parameter dtype
   config.json      the Hugging Face config it came from (kept for the export back)
-  params/          the parameters, an orbax checkpoint of a nested dict
+  params/NAME      one orbax checkpoint per parameter (NAME = its key path, e.g. layers.attn.q)
   tokenizer / processor files, copied from the source
 """
 
@@ -25,7 +25,7 @@ from ep_jax import hf
 from ep_jax.config import ConfigError, LlavaConfig
 from ep_jax.nn.llava import Llava
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one orbax checkpoint per parameter under params/
 # Files copied along with the weights so that a checkpoint is self-contained.
 _SIDE_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",

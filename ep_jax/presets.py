@@ -106,3 +106,26 @@ def default_model_path() -> Path:
         "no shipped model found under models/; pass --model PATH (an ep_jax checkpoint or a Hugging Face "
         "LLaVA directory; see README 'Converting a checkpoint')"
     )
+
+
+def save_measured(model_path: str | Path, cfg: LlavaConfig, preset: Preset | None, layer: int,
+                  profile: dict[str, Any]) -> Path:
+    """Store a measured Entropy Collapse Layer (`python -m ep_jax.ecl --write-preset`).
+
+    The model's preset (`for_model`: its own ep_preset.json, or the models/ file whose `match`
+    fits) gets `prune_layer=layer`, `prune_layer_source="measured"` and the profile, in place.
+    Without one, `ep_preset.json` is written into the checkpoint directory. Returns the file.
+    """
+    if preset is None:
+        preset = for_model(model_path, cfg)
+    shipped = Path(model_path) / "preset.json"  # a model shipped under models/<name>/
+    if preset is None and shipped.exists():
+        preset = Preset.from_file(shipped)
+    if preset is None or preset.path is None:
+        path = Path(model_path) / "ep_preset.json"
+        preset = Preset(name=Path(model_path).resolve().name, match={})
+    else:
+        path = preset.path
+    updated = dataclasses.replace(preset, prune_layer=int(layer), prune_layer_source="measured", profile=profile)
+    updated.to_file(path)
+    return path
