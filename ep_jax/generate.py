@@ -118,24 +118,41 @@ def compile_stats(model: Model) -> dict:
 
 
 # ---------------------------------------------------------------------- inputs
-def resolve_stage(model: Model, prune: prune_lib.PruneConfig | None, num_visual: int) -> PruneStage | None:
-    """PruneConfig -> the static (K, R, N) the graph is built for, with clear errors."""
+def resolve_stage(model: Model, prune: prune_lib.PruneConfig | None, num_visual: int,
+                  inputs: tuple | None = None) -> PruneStage | None:
+    """PruneConfig -> the static (K, R, N) the graph is built for, with clear errors.
+
+    layer="auto" takes K from the model preset; without one, K is measured once on `inputs`
+    (input_ids, pixel_values, attention_mask) with `ecl.measure_ecl`, reported on stderr, and
+    kept on the model so later calls reuse it (and its compiled graph).
+    """
     if prune is None or prune.method == "none":
         return None
     if num_visual == 0:
         raise InputError("pruning needs visual tokens, but the inputs hold no image token")
-    layer = prune.layer
-    if layer == "auto":
-        preset = model.preset
-        if preset is None or preset.prune_layer is None:
-            raise InputError(
-                "PruneConfig(layer='auto') needs a model preset with a measured Entropy Collapse Layer; "
-                "run `python -m ep_jax.ecl --model PATH --image FILE` or pass an int layer"
-            )
-        layer = preset.prune_layer
-        prune = dataclasses.replace(prune, layer=layer)
+    if prune.layer == "auto":
+        prune = dataclasses.replace(prune, layer=_auto_layer(model, inputs))
     keep = prune_lib.resolve_keep(prune, model.config.text.num_layers, num_visual)
-    return PruneStage(config=prune, layer=int(layer), keep=keep, num_visual=num_visual)
+    return PruneStage(config=prune, layer=int(prune.layer), keep=keep, num_visual=num_visual)
+
+
+def _auto_layer(model: Model, inputs: tuple | None) -> int:
+    if model.preset is not None and model.preset.prune_layer is not None:
+        return model.preset.prune_layer
+    if "measured_layer" not in model.compiled:
+        if inputs is None:
+            raise InputError("PruneConfig(layer='auto'): this model has no preset K and no inputs to measure it on")
+        from ep_jax.ecl import measure_ecl
+
+        result = measure_ecl(model, *inputs)
+        if result.layer is None:
+            raise InputError(
+                f"PruneConfig(layer='auto'): {result.message} Pass an int layer (e.g. layer=2) instead."
+            )
+        print(f"ep_jax: no preset K for this model; measured the Entropy Collapse Layer on this input: "
+              f"{result.message}", file=sys.stderr)
+        model.compiled["measured_layer"] = result.layer
+    return model.compiled["measured_layer"]
 
 
 def _check_inputs(model: Model, input_ids, pixel_values, attention_mask):
@@ -192,7 +209,7 @@ def forward(model: Model, input_ids, pixel_values=None, attention_mask=None,
     "mask" mode all rows are returned.
     """
     input_ids, pixel_values, attention_mask, num_visual = _check_inputs(model, input_ids, pixel_values, attention_mask)
-    stage = resolve_stage(model, prune, num_visual)
+    stage = resolve_stage(model, prune, num_visual, (input_ids, pixel_values, attention_mask))
     args = (model.state, input_ids, pixel_values, attention_mask)
     fn = _compiled(model, _prefill, dict(stage=stage, decode_room=0, all_logits=True), args)
     logits, res = fn(*args)
@@ -248,7 +265,7 @@ def run_generation(
     input_ids, pixel_values, attention_mask, num_visual = _check_inputs(
         model, enc["input_ids"], pixel_values, enc["attention_mask"]
     )
-    stage = resolve_stage(model, prune, num_visual)
+    stage = resolve_stage(model, prune, num_visual, (input_ids, pixel_values, attention_mask))
     room = _room(max_new_tokens)
     compile_before = compile_stats(model)["compile_s"]
 

@@ -132,10 +132,27 @@ def test_bad_budgets_are_clear_errors(cfg, match, tiny_model):
         ep_jax.forward(model, enc["input_ids"], enc["pixel_values"], prune=PruneConfig(**cfg))
 
 
-def test_layer_zero_and_auto_without_preset_are_clear_errors(tiny_model):
+def test_layer_zero_is_a_clear_error():
     with pytest.raises(ValueError, match="layer"):
         PruneConfig(layer=0, keep=4)
-    model = tiny_model("mha")
+
+
+def test_auto_layer_uses_the_preset_else_measures(tiny_dirs, capsys):
+    import dataclasses
+
+    from ep_jax.presets import Preset
+
+    model = ep_jax.load(tiny_dirs("mha")[0])
     enc = _encode(model)
-    with pytest.raises(InputError, match="auto"):
-        ep_jax.forward(model, enc["input_ids"], enc["pixel_values"], prune=PruneConfig(layer="auto", keep=4))
+    args = (enc["input_ids"], enc["pixel_values"])
+    # The tiny random model has a flat entropy profile: measuring finds no collapse, and says so.
+    with pytest.raises(InputError, match="not guessing"):
+        ep_jax.forward(model, *args, prune=PruneConfig(layer="auto", keep=4))
+    model.preset = Preset(name="t", prune_layer=3)
+    auto = ep_jax.forward(model, *args, prune=PruneConfig(layer="auto", keep=4))
+    fixed = ep_jax.forward(model, *args, prune=PruneConfig(layer=3, keep=4))
+    assert auto.stage.layer == 3 and auto.stage == dataclasses.replace(fixed.stage)
+    np.testing.assert_array_equal(auto.logits, fixed.logits)
+    model.preset = None
+    model.compiled["measured_layer"] = 1  # as if measured before: reused, not re-measured
+    assert ep_jax.forward(model, *args, prune=PruneConfig(layer="auto", keep=4)).stage.layer == 1
