@@ -4,7 +4,7 @@
     ep_jax.generate(model, [image], ["What is this?"], prune=ep_jax.PruneConfig(avg_keep=64))
     out = ep_jax.forward(model, input_ids, pixel_values, prune=...)
 
-Where pruning happens: `ep_jax/nn/llava.py` (`Llava.prefill`, the prune stage), with the
+Where pruning happens: `ep_jax/nn/llava.py` (`Llava.prune_stage`, called by `prefill`), with the
 scoring and selection in `ep_jax/prune.py` and the matrix entropy in `ep_jax/entropy.py`.
 Names are imported lazily so `import ep_jax` (and `python -m ep_jax.generate`) stay light.
 """

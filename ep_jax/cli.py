@@ -70,15 +70,21 @@ def _prune_config(args, preset):
     return PruneConfig(method=method, layer=layer, avg_keep=avg, keep=keep, source=args.score_source)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run_cli(parser: argparse.ArgumentParser, run, argv=None) -> int:
+    """Parse, run, and turn input errors into one `error:` line and exit status 2
+    (tracebacks only for bugs). Shared by every ep_jax command."""
+    args = parser.parse_args(argv)
     try:
-        return _run(args)
-    except Exception as e:  # one clear line for input errors; tracebacks only for bugs
+        return run(args)
+    except Exception as e:
         if type(e).__name__ in USAGE_ERRORS or isinstance(e, (FileNotFoundError, ValueError)):
             print(f"error: {e}", file=sys.stderr)
             return 2
         raise
+
+
+def main(argv=None) -> int:
+    return run_cli(build_parser(), _run, argv)
 
 
 def _run(args) -> int:

@@ -511,9 +511,6 @@ def plot_profile(profile: EntropyProfile, result: EclResult, path: str | Path, t
 
 
 # ====================================================================== CLI
-USAGE_ERRORS = ("ProcessingError", "InputError", "CheckpointError", "ConfigError", "PresetError")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ep_jax.ecl",
@@ -540,14 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except Exception as e:  # one clear line for input errors; tracebacks only for bugs
-        if type(e).__name__ in USAGE_ERRORS or isinstance(e, (FileNotFoundError, ValueError)):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+    from ep_jax.cli import run_cli
+
+    return run_cli(build_parser(), _run, argv)
 
 
 def profile_images(model, images, prompt: str = DEFAULT_PROMPT, *, template: str = "vicuna_v1",

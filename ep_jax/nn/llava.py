@@ -141,40 +141,58 @@ class Llava(nnx.Module):
         scores = visual_positions = None
 
         if stage is not None:
-            # ---------------- the prune stage (ALGORITHM.md §5) ----------------
-            is_visual = input_ids == cfg.image_token_id
-            visual_positions = jax.vmap(lambda m: jnp.nonzero(m, size=stage.num_visual)[0])(is_visual)
-            visual_positions = visual_positions.astype(jnp.int32)
-            inputs = prune_lib.ScoreInputs(
-                query=proj.query,
-                key=proj.key,
-                value=proj.value,
-                hidden=self.norm(x),
-                positions=positions,
-                attention_mask=valid,
-                visual_positions=visual_positions,
-                visual_valid=jnp.take_along_axis(valid, visual_positions, axis=1),
-                rope=lambda t, p: rope(t, p, cfg.text),
-            )
-            scores = prune_lib.SCORERS[stage.config.method](inputs, stage.config, stage.keep)
-            kept = prune_lib.select_kept(scores, visual_positions, inputs.visual_valid, s, stage.keep)
+            kept, scores, visual_positions = self.prune_stage(x, proj, input_ids, positions, valid, stage)
             kept_mask = jnp.zeros((b, s), bool).at[jnp.arange(b)[:, None], kept].set(True)
             if stage.config.mode == "mask":
                 # Verification oracle: full length, dropped tokens hidden from every later query.
-                valid2 = valid & kept_mask
+                kept_valid = valid & kept_mask
             else:
                 x = prune_lib.gather_rows(x, kept)
-                positions = prune_lib.gather_rows(positions, kept)
+                positions = prune_lib.gather_rows(positions, kept)  # original positions: gaps
                 rows = kept
-                valid2 = prune_lib.gather_rows(valid, kept)
+                kept_valid = prune_lib.gather_rows(valid, kept)
             x, keys, values, _ = self._run_segment(
-                layer, num_layers, x, positions, _causal(rows, valid2), collect=False
+                layer, num_layers, x, positions, _causal(rows, kept_valid), collect=False
             )
-            segments.append(SegmentCache.from_prefill(keys, values, valid2, decode_room))
+            segments.append(SegmentCache.from_prefill(keys, values, kept_valid, decode_room))
 
         bounds = ((0, layer),) if stage is None else ((0, layer), (layer, num_layers))
         cache = KVCache(tuple(segments), next_position, bounds)
         return PrefillResult(x, rows, cache, kept_mask & valid, scores, visual_positions)
+
+    def prune_stage(
+        self,
+        x: Float[Array, "b s d"],
+        proj: Projections,
+        input_ids: Int[Array, "b s"],
+        positions: Int[Array, "b s"],
+        valid: Bool[Array, "b s"],
+        stage: PruneStage,
+    ) -> tuple[Int[Array, "b r"], Float[Array, "b n"], Int[Array, "b n"]]:
+        """THE PRUNE STAGE (ALGORITHM.md §5), between layer K-1 and layer K.
+
+        Scores every visual token from layer K-1's tensors (`proj`: its q/k/v before RoPE;
+        `x`: its output), keeps all text and padding plus the top-R visual tokens, and returns
+        the kept sequence indices in original order [b, S - N + R], the scores [b, N] and the
+        visual positions [b, N]. Static shapes: a masked top-k, no host round trip.
+        """
+        is_visual = input_ids == self.cfg.image_token_id
+        visual_positions = jax.vmap(lambda m: jnp.nonzero(m, size=stage.num_visual)[0])(is_visual)
+        visual_positions = visual_positions.astype(jnp.int32)
+        inputs = prune_lib.ScoreInputs(
+            query=proj.query,
+            key=proj.key,
+            value=proj.value,
+            hidden=self.norm(x),
+            positions=positions,
+            attention_mask=valid,
+            visual_positions=visual_positions,
+            visual_valid=jnp.take_along_axis(valid, visual_positions, axis=1),
+            rope=lambda t, p: rope(t, p, self.cfg.text),
+        )
+        scores = prune_lib.SCORERS[stage.config.method](inputs, stage.config, stage.keep)
+        kept = prune_lib.select_kept(scores, visual_positions, inputs.visual_valid, x.shape[1], stage.keep)
+        return kept, scores, visual_positions
 
     # ------------------------------------------------------------------ decode
     def decode(self, tokens: Int[Array, "b"], cache: KVCache) -> tuple[Float[Array, "b v"], KVCache]:
