@@ -7,6 +7,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
+import jax  # noqa: E402
+
+# Parity tolerances (1e-4 vs PyTorch float32) assume true float32 matmuls; on GPUs XLA would
+# otherwise use TF32 for float32 dots. No effect on CPU.
+jax.config.update("jax_default_matmul_precision", "highest")
+
 import numpy as np
 import pytest
 
