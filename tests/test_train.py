@@ -1,0 +1,83 @@
+"""The training recipe and the quality benchmark, on a micro model trained for a few steps."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+MICRO = dict(steps=4, batch=2, warmup=1, val_every=100, val_n=6, vision_width=32, vision_layers=1,
+             vision_heads=2, text_width=32, text_layers=4, text_heads=2, text_mlp=64)
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    from ep_jax.train import Recipe, train
+
+    out = tmp_path_factory.mktemp("micro")
+    result = train(out, Recipe(**MICRO), progress=False)
+    return out, result
+
+
+def test_training_is_deterministic_and_saves_a_loadable_model(micro, tmp_path):
+    import ep_jax
+    from ep_jax.train import Recipe, train
+
+    out, result = micro
+    again = train(tmp_path / "again", Recipe(**MICRO), progress=False, save=False)
+    assert result["steps_done"] == again["steps_done"] == MICRO["steps"]
+    assert result["history"][-1]["loss"] == again["history"][-1]["loss"]
+    assert np.isfinite(result["history"][-1]["loss"])
+    assert set(result["val"]) == {"overall", "color", "shape", "count", "exist", "position"}
+    model = ep_jax.load(out)
+    assert model.config.image_seq_len == 196  # 224 px / 16 px patches: a 14 x 14 grid
+    assert model.processor.image_token_id == 4
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["recipe"]["steps"] == MICRO["steps"]
+
+
+def test_transformers_greedy_parity_after_export(micro, tmp_path):
+    """The exported Hugging Face directory gives transformers' greedy answers equal to ep_jax's."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    import ep_jax
+    from ep_jax.data import scenes
+
+    model = ep_jax.load(micro[0])
+    hf = LlavaForConditionalGeneration.from_pretrained(ep_jax.export_hf(model, tmp_path / "hf")).eval()
+    samples = scenes.generate("test", 5, seed=0, image_size=224)
+    texts, ids = ep_jax.generate(model, [s.image for s in samples], [s.question for s in samples],
+                                 max_new_tokens=4, template="llava_hf", return_ids=True)
+    proc = model.processor
+    for s, want in zip(samples, ids):
+        enc = proc.encode([s.question], [[s.image]], template="llava_hf", bucket_sizes=None)
+        with torch.no_grad():
+            out = hf.generate(input_ids=torch.from_numpy(enc["input_ids"]).long(),
+                              pixel_values=torch.from_numpy(enc["pixel_values"]),
+                              max_new_tokens=4, do_sample=False, eos_token_id=2, pad_token_id=proc.pad_token_id)
+        new = out[0, enc["input_ids"].shape[1]:].tolist()
+        assert new[: len(want)] == want
+
+
+def test_quality_benchmark_end_to_end(micro, tmp_path):
+    from ep_jax.quality import default_budgets, run_quality
+
+    budgets = default_budgets(196, 4, 2)
+    assert budgets == (131, 120, 109)
+    res = run_quality(micro[0], methods=("none", "entropy", "pool"), budgets=(130,), n=20, batch=20,
+                      out_dir=tmp_path, progress=False)
+    assert [r["method"] for r in res["results"]] == ["none", "entropy", "pool"]
+    for r in res["results"]:
+        assert set(r["accuracy"]) == {"overall", "color", "shape", "count", "exist", "position"}
+        assert 0.0 <= r["accuracy"]["overall"] <= 1.0 and 0.0 <= r["agreement"] <= 1.0
+    none, entropy, _ = res["results"]
+    assert none["keep"] == 196 and entropy["keep"] == 64  # R = (4*130 - 2*196) / 2
+    assert none["agreement"] == 1.0
+    assert 0.0 < entropy["flops_reduction"] < 1.0
+    on_disk = json.loads((tmp_path / "quality.json").read_text())
+    assert on_disk["n"] == 20 and len(on_disk["results"]) == 3
+    assert "| entropy |" in (tmp_path / "quality.md").read_text()
+    png = (tmp_path / "quality.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
