@@ -1,10 +1,7 @@
 """Inputs for LLaVA: images to pixels, prompts to chat-formatted text, text to bucketed tokens.
 
-Numpy in, numpy out; no jax and no torch. The image path reproduces transformers'
-`CLIPImageProcessorPil` / `LlavaImageProcessorPil` (PIL bicubic resize of the shortest edge,
-floor-rounded long edge, floor-offset center crop, float64 rescale then float32 normalise), so
-pixel values are bit-identical to what the Hugging Face model was evaluated with. The token
-path reproduces `LlavaProcessor`: the formatted text is tokenised once with the checkpoint's
+Numpy in, numpy out; no jax and no torch. Images go through `ep_jax.images` (bit-identical to
+transformers' CLIP/LLaVA image processors). The token path reproduces `LlavaProcessor`: the formatted text is tokenised once with the checkpoint's
 tokenizer and every image token is expanded to `image_seq_len` copies.
 
 Prompts are padded to a fixed set of bucket lengths so that a new prompt of a known bucket
@@ -14,312 +11,28 @@ reuses the compiled prefill instead of recompiling.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import PIL.Image
-import PIL.ImageOps
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-BICUBIC = 3  # PIL.Image.Resampling.BICUBIC, the value HF configs store as "resample"
+from ep_jax.images import (  # noqa: F401  (re-exported: the image half of the inputs)
+    BICUBIC,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    ImageProcessor,
+    ProcessingError,
+    load_image,
+)
+
+__all__ = [
+    "BICUBIC", "ChatTemplate", "DEFAULT_BUCKETS", "DEFAULT_IMAGE_TOKEN", "ImageProcessor", "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD", "ProcessingError", "Processor", "TEMPLATES", "format_prompt", "get_template", "load_image",
+]
+
 DEFAULT_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_IMAGE_TOKEN = "<image>"
-
-_IMAGE_HELP = "pass a path to an image file, a PIL image, or an HxWx3 uint8 (or [0, 1] float) array"
-
-
-class ProcessingError(ValueError):
-    """Input that cannot be turned into model inputs, with the value at fault and the fix."""
-
-
-# ---------------------------------------------------------------------------------- images
-def load_image(src: Any) -> PIL.Image.Image:
-    """Load `src` as an RGB PIL image.
-
-    Accepts a path (str or Path), a PIL image (any mode), or a numpy array: HxWx3 (also HxW
-    grayscale, HxWx1, HxWx4 RGBA), uint8 or integer in [0, 255], or float in [0, 1] (scaled by
-    255 and rounded). Transparency is composited onto white, as transformers' `convert_to_rgb`
-    does; EXIF orientation of files is applied, as transformers' `load_image` does.
-    """
-    return _to_rgb(_load_raw(src))
-
-
-def _load_raw(src: Any) -> PIL.Image.Image:
-    if isinstance(src, (str, Path)):
-        return _open_image_file(Path(src))
-    if isinstance(src, PIL.Image.Image):
-        return src
-    if isinstance(src, np.ndarray):
-        return _array_to_pil(src)
-    raise ProcessingError(f"cannot use an object of type {type(src).__name__} as an image; {_IMAGE_HELP}")
-
-
-def _open_image_file(path: Path) -> PIL.Image.Image:
-    if not path.exists():
-        raise ProcessingError(f"image file not found: {str(path)!r}; check the path (relative paths are "
-                              f"resolved from {str(Path.cwd())!r})")
-    if not path.is_file():
-        raise ProcessingError(f"image path {str(path)!r} is not a file; pass the path of an image file")
-    try:
-        with PIL.Image.open(path) as im:
-            im.load()  # decode now, so a truncated or corrupt file fails here and not later
-            return PIL.ImageOps.exif_transpose(im)
-    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ProcessingError(
-            f"cannot read {str(path)!r} as an image ({type(e).__name__}: {e}); the file is corrupt or "
-            "not an image format PIL understands: re-export it as PNG or JPEG"
-        ) from None
-
-
-def _array_to_pil(a: np.ndarray) -> PIL.Image.Image:
-    shape_help = (f"got an array of shape {a.shape} and dtype {a.dtype}; an image array must be "
-                  "HxWx3 (channels last), HxW, HxWx1 or HxWx4")
-    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
-        raise ProcessingError(f"{shape_help}; this looks channels-first: pass np.moveaxis(a, 0, -1)")
-    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[-1] in (1, 3, 4))) or a.shape[0] == 0 or a.shape[1] == 0:
-        raise ProcessingError(shape_help)
-    if a.dtype == np.uint8:
-        u8 = a
-    elif np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_:
-        if a.size and (a.min() < 0 or a.max() > 255):
-            raise ProcessingError(f"integer image array has values in [{a.min()}, {a.max()}]; "
-                                  "pixel values must lie in [0, 255]")
-        u8 = a.astype(np.uint8) * (255 if a.dtype == np.bool_ else 1)
-    elif np.issubdtype(a.dtype, np.floating):
-        if not np.all(np.isfinite(a)) or a.min() < 0.0 or a.max() > 1.0:
-            raise ProcessingError(
-                f"float image array has values in [{np.nanmin(a)}, {np.nanmax(a)}]; float pixels must lie in "
-                "[0, 1] (for 0..255 data pass a.astype(np.uint8))"
-            )
-        u8 = np.round(a.astype(np.float64) * 255.0).astype(np.uint8)
-    else:
-        raise ProcessingError(f"image array has dtype {a.dtype}; {_IMAGE_HELP}")
-    if u8.ndim == 3 and u8.shape[-1] == 1:
-        u8 = u8[..., 0]
-    return PIL.Image.fromarray(np.ascontiguousarray(u8))
-
-
-def _to_rgb(im: PIL.Image.Image) -> PIL.Image.Image:
-    # Same rule as transformers.image_transforms.convert_to_rgb: alpha composited onto white.
-    if "A" in im.getbands() or im.info.get("transparency") is not None:
-        rgba = im.convert("RGBA")
-        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return PIL.Image.alpha_composite(white, rgba).convert("RGB")
-    return im if im.mode == "RGB" else im.convert("RGB")
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageProcessor:
-    """CLIP image preprocessing, pixel-identical to transformers' `CLIPImageProcessorPil`.
-
-    With `do_pad=True` it is `LlavaImageProcessorPil(do_pad=True)`: the original LLaVA-1.5
-    "pad to square" with the mean colour (int(mean * 255) per channel) before resizing.
-    Defaults are CLIP ViT-L/14-336 (what LLaVA-1.5 uses). Note that llava-hf checkpoints ship a
-    plain `CLIPImageProcessor` (no padding); the original LLaVA-1.5 pads — pick with `do_pad`.
-
-    size: shortest edge to resize to (the long edge is floor(size * long / short)), or an exact
-          (height, width).
-    crop_size: (height, width) of the center crop.
-    """
-
-    size: int | tuple[int, int] = 336
-    crop_size: tuple[int, int] = (336, 336)
-    do_resize: bool = True
-    do_center_crop: bool = True
-    resample: int = BICUBIC
-    do_rescale: bool = True
-    rescale_factor: float = 1 / 255
-    do_normalize: bool = True
-    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
-    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
-    do_pad: bool = False
-    do_convert_rgb: bool = True
-
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_dir(cls, path: str | Path, **overrides: Any) -> "ImageProcessor":
-        """Read `preprocessor_config.json` (llava-hf hub layout) or the "image_processor" entry of
-        `processor_config.json` (what transformers 5 `save_pretrained` writes) from `path`.
-
-        Keys absent from the file take this class's defaults (CLIP ViT-L/336); `overrides` (field
-        names of this class, e.g. `do_pad=True`) replace values read from the file.
-        """
-        path = Path(path)
-        pre, proc = path / "preprocessor_config.json", path / "processor_config.json"
-        if pre.is_file():
-            d = _read_json(pre)
-        elif proc.is_file():
-            d = _read_json(proc).get("image_processor")
-            if not isinstance(d, dict):
-                raise ProcessingError(f"{proc} has no 'image_processor' settings; re-save the processor with "
-                                      "transformers (processor.save_pretrained) or pass an ImageProcessor")
-        else:
-            raise ProcessingError(
-                f"no preprocessor_config.json or processor_config.json in {str(path)!r}; point at a Hugging Face "
-                "LLaVA checkpoint directory, or build ImageProcessor() (CLIP ViT-L/336 defaults) yourself"
-            )
-        return dataclasses.replace(cls.from_hf_dict(d), **overrides)
-
-    @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "ImageProcessor":
-        """Translate a Hugging Face image-processor dict (CLIP or LLaVA type)."""
-        default = cls()
-        kind = str(d.get("image_processor_type", "CLIPImageProcessor"))
-        if not kind.startswith(("CLIPImageProcessor", "LlavaImageProcessor")):
-            raise ProcessingError(f"image_processor_type={kind!r} is not supported; ep_jax reproduces "
-                                  "CLIPImageProcessor and LlavaImageProcessor (LLaVA-1.5)")
-        mean, std = d.get("image_mean", default.image_mean), d.get("image_std", default.image_std)
-        return cls(
-            size=_parse_size(d.get("size", default.size)),
-            crop_size=_parse_crop(d.get("crop_size", default.crop_size)),
-            do_resize=bool(d.get("do_resize", default.do_resize)),
-            do_center_crop=bool(d.get("do_center_crop", default.do_center_crop)),
-            resample=int(d.get("resample", default.resample)),
-            do_rescale=bool(d.get("do_rescale", default.do_rescale)),
-            rescale_factor=float(d.get("rescale_factor", default.rescale_factor)),
-            do_normalize=bool(d.get("do_normalize", default.do_normalize)),
-            image_mean=_triple(mean, "image_mean"),
-            image_std=_triple(std, "image_std"),
-            # For CLIPImageProcessor `do_pad` means "pad the batch to its largest image", a no-op
-            # after the center crop; only the LLaVA processor pads each image to a square.
-            do_pad=bool(d.get("do_pad")) and kind.startswith("LlavaImageProcessor"),
-            do_convert_rgb=bool(d.get("do_convert_rgb", default.do_convert_rgb)),
-        )
-
-    # ------------------------------------------------------------------ geometry
-    def resized_size(self, height: int, width: int) -> tuple[int, int]:
-        """(height, width) after the resize step (before the crop) for an input of that size."""
-        if not self.do_resize:
-            return height, width
-        if not isinstance(self.size, int):
-            return tuple(self.size)
-        # transformers.image_transforms.get_resize_output_image_size: int(), i.e. floor.
-        short, long = (width, height) if width <= height else (height, width)
-        new_long = int(self.size * long / short)
-        return (new_long, self.size) if width <= height else (self.size, new_long)
-
-    @property
-    def output_size(self) -> tuple[int, int] | None:
-        """(height, width) of every output, or None when it depends on the input's aspect ratio."""
-        if self.do_center_crop:
-            return tuple(self.crop_size)
-        if self.do_resize and not isinstance(self.size, int):
-            return tuple(self.size)
-        return None
-
-    # ------------------------------------------------------------------ processing
-    def preprocess(self, image: Any) -> np.ndarray:
-        """One image (anything `load_image` accepts) -> float32 [3, H, W]."""
-        im = self._rgb(image)
-        if self.do_pad:
-            im = _pad_to_square(im, tuple(int(m * 255) for m in self.image_mean))
-        if self.do_resize:
-            h, w = self.resized_size(im.height, im.width)
-            im = im.resize((w, h), resample=self.resample)
-        pixels = np.asarray(im)  # [H, W, 3] uint8
-        if self.do_center_crop:
-            pixels = _center_crop(pixels, self.crop_size)
-        if self.do_rescale:
-            # float64 product then float32, exactly as transformers' rescale.
-            x = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        else:
-            x = pixels.astype(np.float32)
-        if self.do_normalize:
-            x = (x - np.asarray(self.image_mean, np.float32)) / np.asarray(self.image_std, np.float32)
-        return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
-
-    def __call__(self, images: Any) -> np.ndarray:
-        """A list of images (or one image) -> float32 [n, 3, H, W]."""
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        if not images:
-            h, w = self.output_size or (0, 0)
-            return np.zeros((0, 3, h, w), np.float32)
-        out = [self.preprocess(im) for im in images]
-        shapes = {o.shape for o in out}
-        if len(shapes) > 1:
-            raise ProcessingError(f"processed images have different shapes {sorted(shapes)}; enable "
-                                  "do_center_crop or give an exact (height, width) size to batch them")
-        return np.stack(out)
-
-    def _rgb(self, image: Any) -> PIL.Image.Image:
-        raw = _load_raw(image)
-        if not self.do_convert_rgb and raw.mode != "RGB":
-            raise ProcessingError(f"image has mode {raw.mode!r} but do_convert_rgb=False; the vision tower "
-                                  "needs 3 channels: set do_convert_rgb=True or convert the image to RGB")
-        return _to_rgb(raw)
-
-
-def _pad_to_square(im: PIL.Image.Image, color: tuple[int, ...]) -> PIL.Image.Image:
-    # LLaVA's expand2square; offsets floor((long - short) / 2), like LlavaImageProcessor.pad_to_square.
-    w, h = im.size
-    if w == h:
-        return im
-    side = max(w, h)
-    out = PIL.Image.new("RGB", (side, side), color)
-    out.paste(im, ((side - w) // 2, (side - h) // 2))
-    return out
-
-
-def _center_crop(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """transformers.image_transforms.center_crop on [H, W, C]: floor offsets, zero pad if too small."""
-    h, w = pixels.shape[:2]
-    ch, cw = int(size[0]), int(size[1])
-    top, left = (h - ch) // 2, (w - cw) // 2
-    if top >= 0 and left >= 0:
-        return pixels[top:top + ch, left:left + cw]
-    nh, nw = max(ch, h), max(cw, w)
-    top_pad, left_pad = -(-(nh - h) // 2), -(-(nw - w) // 2)  # ceil
-    canvas = np.zeros((nh, nw) + pixels.shape[2:], pixels.dtype)
-    canvas[top_pad:top_pad + h, left_pad:left_pad + w] = pixels
-    top, left = top + top_pad, left + left_pad
-    return canvas[max(0, top):min(nh, top + ch), max(0, left):min(nw, left + cw)]
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        d = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ProcessingError(f"cannot read {path} as JSON ({e}); re-save the processor files") from None
-    if not isinstance(d, dict):
-        raise ProcessingError(f"{path} holds a {type(d).__name__}, not a JSON object")
-    return d
-
-
-def _parse_size(size: Any) -> int | tuple[int, int]:
-    if isinstance(size, int):
-        return size  # HF's get_size_dict(default_to_square=False): an int is the shortest edge
-    if isinstance(size, dict):
-        if set(size) == {"shortest_edge"}:
-            return int(size["shortest_edge"])
-        if set(size) == {"height", "width"}:
-            return int(size["height"]), int(size["width"])
-    if isinstance(size, (list, tuple)) and len(size) == 2:
-        return int(size[0]), int(size[1])
-    raise ProcessingError(f"image processor size={size!r} is not supported; use {{'shortest_edge': n}} "
-                          "or {'height': h, 'width': w}")
-
-
-def _parse_crop(crop: Any) -> tuple[int, int]:
-    if isinstance(crop, int):
-        return crop, crop
-    if isinstance(crop, dict) and set(crop) == {"height", "width"}:
-        return int(crop["height"]), int(crop["width"])
-    if isinstance(crop, (list, tuple)) and len(crop) == 2:
-        return int(crop[0]), int(crop[1])
-    raise ProcessingError(f"image processor crop_size={crop!r} is not supported; use {{'height': h, 'width': w}}")
-
-
-def _triple(v: Any, name: str) -> tuple[float, float, float]:
-    if isinstance(v, (int, float)):
-        return (float(v),) * 3
-    if isinstance(v, (list, tuple)) and len(v) == 3:
-        return tuple(float(x) for x in v)
-    raise ProcessingError(f"{name}={v!r}: need one value or three (one per RGB channel)")
 
 
 # ---------------------------------------------------------------------------------- templates
