@@ -7,8 +7,10 @@ speed    measured wall time of prefill / time to first token / decode, unpruned 
 compile  lowering + compile time of prefill and decode step from abstract parameters, at two depths.
 quality  accuracy of the pruning methods (forwards to `ep_jax.quality`).
 
-Modules: bench_setup (shapes, inputs), bench_speed (timing), bench_hf (--vs-hf),
-bench_compile, bench_report (targets, markdown, plot). Committed results: benchmarks/.
+Modules: bench_setup (shapes, inputs), bench_speed (timing), bench_compile, bench_report
+(targets, markdown, plot). `--vs-hf` runs benchmarks/hf_reference.py, which drives PyTorch and so
+lives outside the library (torch is a test/benchmark-only dependency). Committed results:
+benchmarks/.
 """
 
 from __future__ import annotations
@@ -25,6 +27,21 @@ from typing import Any
 
 METHODS = ("entropy", "fastv", "random", "pool")
 DEFAULT_MIN_LAYERS = 3  # K = 2 needs L >= 3
+
+
+def _hf_reference():
+    """benchmarks/hf_reference.py (PyTorch side of --vs-hf), loaded from the repository."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "hf_reference.py"
+    if not path.exists():
+        raise ValueError(f"--vs-hf needs {path} (run from a clone of the ep_jax repository)")
+    if importlib.util.find_spec("torch") is None:
+        raise ValueError("--vs-hf needs PyTorch: pip install -r requirements-test.txt")
+    spec = importlib.util.spec_from_file_location("ep_jax_hf_reference", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _log(msg: str) -> None:
@@ -208,8 +225,7 @@ def _speed_run(args, command: str, cfg, budgets, methods, with_unpruned, dtype, 
     result["explain"] = bench_report.explain(result)
     result["vs_hf"] = None
     if args.vs_hf:
-        from ep_jax import bench_hf
-
+        bench_hf = _hf_reference()
         base = next((r for r in result["rows"] if r["method"] == "none"), None)
         if base is None:
             raise ValueError("--vs-hf compares unpruned runs: include 'none' in --budgets")

@@ -1,4 +1,4 @@
-"""`--vs-hf`: the same random weights through transformers' PyTorch LLaVA, same prompt, same
+"""`python -m ep_jax.bench speed --vs-hf`: the same random weights through transformers' PyTorch LLaVA, same prompt, same
 threads, unpruned, measured in the same process right after the ep_jax runs.
 
 The model is exported with `checkpoint.export_hf` (what `convert/ep_to_hf.py` runs) and loaded
