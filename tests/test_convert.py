@@ -141,8 +141,8 @@ def test_not_a_checkpoint(tmp_path):
 
 
 def test_conversion_streams_tensors(tmp_path):
-    """Peak memory of a conversion stays near one copy of the model (not shards + stacked +
-    serialisation copies of everything at once, which measured 3.2x)."""
+    """Peak memory of a conversion stays near one copy of the model (not shards + stacked
+    parameters + serialisation copies of everything at once)."""
     from memprobe import write_random_checkpoint
 
     size = write_random_checkpoint(tmp_path / "hf", text_layers=6, hidden=512, vocab=16000)
