@@ -44,15 +44,19 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) ->
 
 
 def scan_layers(layers: nnx.Module, lo: int, hi: int, body, carry, xs=None):
-    """Run `body(layer, carry, x) -> (carry, y)` over the stacked layers `lo..hi-1`."""
+    """Run `body(layer, carry, x) -> (carry, y)` over the stacked layers `lo..hi-1`.
+
+    Each step indexes its layer out of the full stack: slicing `[lo:hi]` first would copy
+    that part of the weights on every call (every decode step, for the pruned segment).
+    """
     graphdef, state = nnx.split(layers)
-    state = jax.tree.map(lambda a: a[lo:hi], state)
 
     def step(carry, inputs):
-        layer_state, x = inputs
+        i, x = inputs
+        layer_state = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), state)
         return body(nnx.merge(graphdef, layer_state), carry, x)
 
-    return jax.lax.scan(step, carry, (state, xs))
+    return jax.lax.scan(step, carry, (jnp.arange(lo, hi), xs))
 
 
 def dense(x: Array, w: Array, spec: str) -> Array:
