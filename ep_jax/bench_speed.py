@@ -112,15 +112,20 @@ def prepare(model, processor, batch: int, padding: str = "exact") -> Inputs:
     return Inputs(ids, pix, mask, num_visual, padding)
 
 
-def analytic(text_cfg, seq: int, num_visual: int, layer: int | None, keep: int | None, *, bytes_per_elem: int,
+def analytic(cfg, seq: int, num_visual: int, layer: int | None, keep: int | None, *, bytes_per_elem: int,
              batch: int = 1) -> dict[str, Any]:
-    """What `flops.py` says about one setting (per batch of `batch` identical prompts)."""
+    """What `flops.py` says about one setting (per batch of `batch` identical prompts): the
+    reference's decoder-only FLOPs, and the whole prefill's (vision tower + projector added)."""
+    text_cfg = cfg.text
     unpruned = flops.prefill_flops(text_cfg, seq)
     pruned = flops.prefill_flops(text_cfg, seq, num_visual, layer, keep)
+    vision = flops.vision_flops(cfg)
     return {
         "flops": batch * pruned,
         "flops_reduction": 1 - pruned / unpruned,
         "flops_speedup": unpruned / pruned,
+        "vision_flops": batch * vision,
+        "flops_reduction_with_vision": 1 - (pruned + vision) / (unpruned + vision),
         "kv_cache_bytes_analytic": batch * flops.kv_cache_bytes(text_cfg, seq, num_visual, layer, keep,
                                                                 bytes_per_elem=bytes_per_elem),
     }
@@ -250,39 +255,21 @@ def _embed(graphdef, state, input_ids, feats, attention_mask):
     return x, positions, rows, valid
 
 
-def _segment(graphdef, state, x, positions, rows, valid, *, lo, hi, collect):
+def _segment(graphdef, state, x, positions, rows, valid, *, lo, hi, collect, room):
     m = _merge(graphdef, state)
-    x, keys, values, proj = m._run_segment(lo, hi, x, positions, _causal(rows, valid), collect=collect)
+    x, keys, values, proj = m._run_segment(lo, hi, x, positions, _causal(rows, valid), collect=collect, room=room)
     return x, keys, values, proj
-
-
-def _score_inputs(m, x, proj, input_ids, positions, valid, stage: PruneStage):
-    # The same ScoreInputs that `Llava.prefill` builds between its two segments.
-    from ep_jax.nn.llama import rope
-
-    cfg = m.cfg
-    is_visual = input_ids == cfg.image_token_id
-    visual_positions = jax.vmap(lambda v: jnp.nonzero(v, size=stage.num_visual)[0])(is_visual).astype(jnp.int32)
-    return prune_lib.ScoreInputs(
-        query=proj.query, key=proj.key, value=proj.value, hidden=m.norm(x), positions=positions,
-        attention_mask=valid, visual_positions=visual_positions,
-        visual_valid=jnp.take_along_axis(valid, visual_positions, axis=1),
-        rope=lambda t, p: rope(t, p, cfg.text),
-    )
 
 
 def _scores_only(graphdef, state, x, proj, input_ids, positions, valid, *, stage):
     m = _merge(graphdef, state)
-    inputs = _score_inputs(m, x, proj, input_ids, positions, valid, stage)
+    inputs = m.score_inputs(x, proj, input_ids, positions, valid, stage.num_visual)
     return prune_lib.SCORERS[stage.config.method](inputs, stage.config, stage.keep)
 
 
 def _prune_stage(graphdef, state, x, proj, input_ids, positions, valid, *, stage):
-    """Score + masked top-k + gather: everything the pruned prefill adds to the unpruned one."""
-    m = _merge(graphdef, state)
-    inputs = _score_inputs(m, x, proj, input_ids, positions, valid, stage)
-    scores = prune_lib.SCORERS[stage.config.method](inputs, stage.config, stage.keep)
-    kept = prune_lib.select_kept(scores, inputs.visual_positions, inputs.visual_valid, input_ids.shape[1], stage.keep)
+    """`Llava.prune_stage` + gather: everything the pruned prefill adds to the unpruned one."""
+    kept, scores, _ = _merge(graphdef, state).prune_stage(x, proj, input_ids, positions, valid, stage)
     gather = prune_lib.gather_rows
     return gather(x, kept), gather(positions, kept), kept, gather(valid, kept), scores
 
@@ -331,7 +318,7 @@ def measure_stage_cost(model, inputs: Inputs, stages: list[PruneStage], *, runs:
     ids = jnp.asarray(inputs.input_ids)
     for i, stage in enumerate(stages):
         if stage.layer not in by_layer:
-            seg = jax.jit(_bind(_segment, g, lo=0, hi=stage.layer, collect=True))
+            seg = jax.jit(_bind(_segment, g, lo=0, hi=stage.layer, collect=True, room=0))
             by_layer[stage.layer] = seg(state, x, positions, rows, valid)
         hx, _, _, proj = by_layer[stage.layer]
         pieces.add((i, "score"), _bind(_scores_only, g, stage=stage), state, hx, proj, ids, positions, valid)
@@ -353,12 +340,13 @@ def measure_profiles(model, inputs: Inputs, settings: dict[str, PruneStage | Non
                      runs: int, warmup: int) -> dict[str, dict[str, Any]]:
     """Prefill split into its parts, each timed alone (round-robin over every part of every
     setting): vision tower + projector, embedding and merge, layers 0..K-1 (S tokens), the prune
-    stage, layers K..L-1 (S' tokens; S without pruning), KV-cache construction (padding for the
-    decode room) and final norm + LM head of the last token. Decoder GFLOP/s use `flops.py`."""
+    stage, layers K..L-1 (S' tokens; S without pruning; both write their keys/values into caches
+    with the decode room, as the prefill does), KV-cache construction (what is left of it: the
+    entry mask) and final norm + LM head of the last token. Decoder GFLOP/s use `flops.py`."""
     pieces = _Pieces()
     g, state = model.graphdef, model.state
     num_layers = model.config.text.num_layers
-    seg = lambda lo, hi, collect: _bind(_segment, g, lo=lo, hi=hi, collect=collect)  # noqa: E731
+    seg = lambda lo, hi, collect: _bind(_segment, g, lo=lo, hi=hi, collect=collect, room=room)  # noqa: E731
     cache_fn = functools.partial(_caches, room=room)
     seq = inputs.input_ids.shape[1]  # the rows the layers run on (padding included)
     kept: dict[str, int] = {}
@@ -451,7 +439,7 @@ def run_speed(model, processor, *, budgets: list[Budget], with_unpruned: bool, m
             "layer": None if b is None else layer,
             "tokens_after_prune": seq if b is None else seq - n + b.keep,
             **bench.result(),
-            **analytic(text, seq, n, None if b is None else layer, keep, bytes_per_elem=itemsize, batch=batch),
+            **analytic(model.config, seq, n, None if b is None else layer, keep, bytes_per_elem=itemsize, batch=batch),
         }
         logits, res = bench.out
         if b is None:
@@ -476,6 +464,8 @@ def run_speed(model, processor, *, budgets: list[Budget], with_unpruned: bool, m
             r["prefill_speedup"] = base["prefill_ms"] / r["prefill_ms"]
             r["time_reduction"] = 1 - r["prefill_ms"] / base["prefill_ms"]
             r["realised"] = r["time_reduction"] / r["flops_reduction"] if r["flops_reduction"] > 0 else None
+            r["realised_with_vision"] = (r["time_reduction"] / r["flops_reduction_with_vision"]
+                                         if r["flops_reduction_with_vision"] > 0 else None)
 
     stages = [make_stage(model, m, layer, b.keep, n) for b in budgets for m in methods]
     scoring = measure_stage_cost(model, inputs, stages, runs=runs, warmup=warmup) if stages else []

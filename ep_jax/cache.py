@@ -23,11 +23,16 @@ class SegmentCache:
 
     @classmethod
     def from_prefill(cls, keys, values, valid: Bool[Array, "b s"], extra: int) -> "SegmentCache":
-        """Prefill keys/values [l, b, s, k, h] padded with `extra` empty entries for decode."""
-        pad = [(0, 0), (0, 0), (0, extra), (0, 0), (0, 0)]
+        """A cache of `s + extra` entries from prefill keys/values [l, b, s or s + extra, k, h]
+        (`Llava._run_segment(room=extra)` already leaves the `extra` decode entries, so nothing
+        is copied; shorter ones are padded here)."""
+        capacity = valid.shape[1] + extra
+        if keys.shape[2] != capacity:
+            pad = [(0, 0), (0, 0), (0, capacity - keys.shape[2]), (0, 0), (0, 0)]
+            keys, values = jnp.pad(keys, pad), jnp.pad(values, pad)
         return cls(
-            keys=jnp.pad(keys, pad),
-            values=jnp.pad(values, pad),
+            keys=keys,
+            values=values,
             mask=jnp.pad(valid, [(0, 0), (0, extra)]),
             index=jnp.asarray(valid.shape[1], jnp.int32),
         )

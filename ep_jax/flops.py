@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ep_jax.config import TextConfig
+from ep_jax.config import LlavaConfig, TextConfig
 from ep_jax.prune import effective_avg
 
 
@@ -60,6 +60,20 @@ def prefill_flops(
     tokens and layers `>= K` see `seq_len − num_visual + keep`.
     """
     return sum(layer_flops(text_cfg, n) for n in _tokens_per_layer(text_cfg, seq_len, num_visual, layer, keep))
+
+
+def vision_flops(cfg: LlavaConfig, num_images: int = 1) -> int:
+    """FLOPs of the part of the prefill pruning cannot touch: the CLIP tower up to the feature
+    layer (patch embedding, then per layer `8nD² + 4n²D + 4nDM` on `n` = patches + 1 tokens)
+    and the two-matrix projector on the image tokens. Not in the reference's formula; used to
+    state the analytic reduction of the whole prefill (vision + decoder) next to it."""
+    v = cfg.vision
+    n, d, m = v.num_patches + 1, v.hidden_size, v.intermediate_size
+    patch_embed = 2 * v.num_patches * (v.num_channels * v.patch_size**2) * d
+    per_layer = 8 * n * d * d + 4 * n * n * d + 4 * n * d * m
+    tokens, dt = cfg.image_seq_len, cfg.text.hidden_size
+    projector = 2 * tokens * d * dt + 2 * tokens * dt * dt
+    return num_images * (patch_embed + cfg.vision_layers_used * per_layer + projector)
 
 
 def flops_reduction(

@@ -18,7 +18,7 @@ ROW_FIELDS = {
     "prefill_ms", "prefill_ms_runs", "ttft_ms", "ttft_ms_runs", "kv_cache_bytes", "kv_cache_allocated_bytes",
     "xla_memory", "xla_flops", "prompt_tokens", "flops", "flops_reduction", "flops_speedup",
     "kv_cache_bytes_analytic", "peak_memory_bytes", "peak_memory_source", "prefill_speedup", "time_reduction",
-    "realised",
+    "realised", "vision_flops", "flops_reduction_with_vision", "realised_with_vision",
 }
 DECODE_FIELDS = {"decode_compile_s", "new_tokens", "decode_ms_per_step", "decode_tokens_per_s", "decode_s_runs"}
 TOP_FIELDS = {
@@ -65,7 +65,7 @@ def test_speed_json_has_every_field(speed_run):
     for p in res["profile"].values():
         assert set(p["parts_ms"]) == PARTS
     assert [t["target"] for t in res["targets"]][0].startswith("prefill time reduction at A=64")
-    assert len(res["targets"]) == 5 and all({"value", "threshold", "met", "applies_here"} <= set(t)
+    assert len(res["targets"]) == 6 and all({"value", "threshold", "met", "applies_here"} <= set(t)
                                             for t in res["targets"])
 
 
@@ -88,6 +88,7 @@ def test_speed_numbers_are_consistent(speed_run):
         assert r["kv_cache_bytes_analytic"] == kv_cache_bytes(
             cfg.text, seq, n, r["layer"], None if r["layer"] is None else r["keep"], bytes_per_elem=4)
         assert r["realised"] is None or r["realised"] == pytest.approx(r["time_reduction"] / r["flops_reduction"])
+        assert r["flops_reduction_with_vision"] < r["flops_reduction"] or r["flops_reduction"] == 0
     assert base["flops"] == prefill_flops(cfg.text, seq)
     # Same weights in PyTorch: the comparison is of the same computation.
     assert res["vs_hf"]["last_logits_max_abs_diff"] < 1e-4
@@ -123,13 +124,21 @@ def test_analytic_llava_7b_matches_hand_computation():
 
     assert layer(640) == 265_751_101_440  # by hand: 640·404_750_336 + 640²·16_384
     for keep, hand in ((166, 3_350_280_929_280), (98, 2_511_488_286_720), (29, 1_665_006_796_800)):
-        row = bench_speed.analytic(t, seq, n, 2, keep, bytes_per_elem=2)
+        row = bench_speed.analytic(cfg, seq, n, 2, keep, bytes_per_elem=2)
         assert row["flops"] == hand == 2 * layer(640) + 30 * layer(640 - n + keep)
         assert row["flops_reduction"] == pytest.approx(1 - hand / (32 * layer(640)), abs=1e-12)
         assert row["flops_speedup"] == pytest.approx(32 * layer(640) / hand, abs=1e-12)
         # KV cache: 2 (k, v) · tokens · 32 heads · 128 · 2 bytes per layer.
         assert row["kv_cache_bytes_analytic"] == 2 * 32 * 128 * 2 * (2 * 640 + 30 * (640 - n + keep))
-    assert bench_speed.analytic(t, seq, n, None, None, bytes_per_elem=2)["flops"] == 32 * layer(640)
+    assert bench_speed.analytic(cfg, seq, n, None, None, bytes_per_elem=2)["flops"] == 32 * layer(640)
+    # CLIP-L/336 up to layer -2 (23 of 24 layers) on 577 tokens, 14 px patches, then the
+    # 1024 -> 4096 -> 4096 projector on 576 tokens.
+    clip_layer = 8 * 577 * 1024**2 + 4 * 577**2 * 1024 + 4 * 577 * 1024 * 4096
+    vision = 2 * 576 * (3 * 14 * 14) * 1024 + 23 * clip_layer + 2 * 576 * 1024 * 4096 + 2 * 576 * 4096**2
+    assert vision == 390_193_049_600
+    row = bench_speed.analytic(cfg, seq, n, 2, 29, bytes_per_elem=2)
+    assert row["vision_flops"] == vision
+    assert row["flops_reduction_with_vision"] == pytest.approx(1 - (1_665_006_796_800 + vision) / (32 * layer(640) + vision))
 
 
 def test_budgets_scale_with_visual_tokens():

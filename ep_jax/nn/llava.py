@@ -103,11 +103,18 @@ class Llava(nnx.Module):
         return jnp.einsum("...d,dv->...v", h, self.lm_head.value, preferred_element_type=jnp.float32)
 
     # ------------------------------------------------------------------ prefill
-    def _run_segment(self, lo, hi, x, positions, mask, *, collect: bool):
-        """Layers lo..hi-1 on the full (or kept) sequence; returns (x, keys, values, last proj)."""
+    def _run_segment(self, lo, hi, x, positions, mask, *, collect: bool, room: int = 0):
+        """Layers lo..hi-1 on the full (or kept) sequence; returns (x, keys, values, last proj).
+
+        keys/values [l, b, s + room, k, h]: each layer writes its entries straight into a cache
+        with `room` empty slots for decode (padding the stacked cache afterwards copies it all).
+        """
+        pad = ((0, 0), (0, room), (0, 0), (0, 0))
 
         def body(layer, h, _):
             h, (k, v), proj = layer(h, positions, mask)
+            if room:
+                k, v = jnp.pad(k, pad), jnp.pad(v, pad)
             return h, (k, v, proj if collect else None)
 
         x, (keys, values, projs) = scan_layers(self.layers, lo, hi, body, x)
@@ -135,7 +142,8 @@ class Llava(nnx.Module):
 
         layer = num_layers if stage is None else stage.layer
         mask = _causal(rows, valid)
-        x, keys, values, proj = self._run_segment(0, layer, x, positions, mask, collect=stage is not None)
+        x, keys, values, proj = self._run_segment(0, layer, x, positions, mask, collect=stage is not None,
+                                                  room=decode_room)
         segments = [SegmentCache.from_prefill(keys, values, valid, decode_room)]
         kept_mask = valid
         scores = visual_positions = None
@@ -152,13 +160,39 @@ class Llava(nnx.Module):
                 rows = kept
                 kept_valid = prune_lib.gather_rows(valid, kept)
             x, keys, values, _ = self._run_segment(
-                layer, num_layers, x, positions, _causal(rows, kept_valid), collect=False
+                layer, num_layers, x, positions, _causal(rows, kept_valid), collect=False, room=decode_room
             )
             segments.append(SegmentCache.from_prefill(keys, values, kept_valid, decode_room))
 
         bounds = ((0, layer),) if stage is None else ((0, layer), (layer, num_layers))
         cache = KVCache(tuple(segments), next_position, bounds)
         return PrefillResult(x, rows, cache, kept_mask & valid, scores, visual_positions)
+
+    def score_inputs(
+        self,
+        x: Float[Array, "b s d"],
+        proj: Projections,
+        input_ids: Int[Array, "b s"],
+        positions: Int[Array, "b s"],
+        valid: Bool[Array, "b s"],
+        num_visual: int,
+    ) -> prune_lib.ScoreInputs:
+        """What every scorer may read at the prune point: layer K-1's q/k/v before RoPE
+        (`proj`), its normalised output, and where the `num_visual` image tokens sit."""
+        is_visual = input_ids == self.cfg.image_token_id
+        visual_positions = jax.vmap(lambda m: jnp.nonzero(m, size=num_visual)[0])(is_visual)
+        visual_positions = visual_positions.astype(jnp.int32)
+        return prune_lib.ScoreInputs(
+            query=proj.query,
+            key=proj.key,
+            value=proj.value,
+            hidden=self.norm(x),
+            positions=positions,
+            attention_mask=valid,
+            visual_positions=visual_positions,
+            visual_valid=jnp.take_along_axis(valid, visual_positions, axis=1),
+            rope=lambda t, p: rope(t, p, self.cfg.text),
+        )
 
     def prune_stage(
         self,
@@ -176,23 +210,10 @@ class Llava(nnx.Module):
         the kept sequence indices in original order [b, S - N + R], the scores [b, N] and the
         visual positions [b, N]. Static shapes: a masked top-k, no host round trip.
         """
-        is_visual = input_ids == self.cfg.image_token_id
-        visual_positions = jax.vmap(lambda m: jnp.nonzero(m, size=stage.num_visual)[0])(is_visual)
-        visual_positions = visual_positions.astype(jnp.int32)
-        inputs = prune_lib.ScoreInputs(
-            query=proj.query,
-            key=proj.key,
-            value=proj.value,
-            hidden=self.norm(x),
-            positions=positions,
-            attention_mask=valid,
-            visual_positions=visual_positions,
-            visual_valid=jnp.take_along_axis(valid, visual_positions, axis=1),
-            rope=lambda t, p: rope(t, p, self.cfg.text),
-        )
+        inputs = self.score_inputs(x, proj, input_ids, positions, valid, stage.num_visual)
         scores = prune_lib.SCORERS[stage.config.method](inputs, stage.config, stage.keep)
-        kept = prune_lib.select_kept(scores, visual_positions, inputs.visual_valid, x.shape[1], stage.keep)
-        return kept, scores, visual_positions
+        kept = prune_lib.select_kept(scores, inputs.visual_positions, inputs.visual_valid, x.shape[1], stage.keep)
+        return kept, scores, inputs.visual_positions
 
     # ------------------------------------------------------------------ decode
     def decode(self, tokens: Int[Array, "b"], cache: KVCache) -> tuple[Float[Array, "b v"], KVCache]:
