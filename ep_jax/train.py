@@ -41,6 +41,10 @@ TEMPLATE = "llava_hf"
 IMAGE_TOKEN = "<image>"
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)  # ids 0..4
 IMAGE_SIZE = 224
+PATCH = 16
+GRID = IMAGE_SIZE // PATCH
+COVERED = 0.15  # a patch belongs to an object when the object covers this much of it
+AUX_CLASSES = {"color": len(scenes.COLORS) + 1, "shape": len(scenes.SHAPES) + 1, "center": 2}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +69,11 @@ class Recipe:
     text_mlp: int = 384
     val_every: int = 200
     val_n: int = 150
+    # Auxiliary per-patch loss (training only; the heads are dropped, the shipped model is a
+    # plain LLaVA): from the visual tokens the decoder reads, predict the colour and shape of
+    # the object covering each patch and whether an object's centre lies in it.
+    aux_weight: float = 1.0
+    aux_object_weight: float = 5.0  # patches on an object count this much more than background
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -116,7 +125,7 @@ def write_preprocessor(out_dir: Path) -> None:
 def model_config(r: Recipe, tokenizer) -> LlavaConfig:
     vision = VisionConfig(
         hidden_size=r.vision_width, intermediate_size=4 * r.vision_width, num_layers=r.vision_layers,
-        num_heads=r.vision_heads, image_size=IMAGE_SIZE, patch_size=16, hidden_act="quick_gelu",
+        num_heads=r.vision_heads, image_size=IMAGE_SIZE, patch_size=PATCH, hidden_act="quick_gelu",
     )
     text = TextConfig(
         vocab_size=len(tokenizer), hidden_size=r.text_width, intermediate_size=r.text_mlp,
@@ -173,8 +182,30 @@ class Encoder:
             labels[i, : len(a)] = a
             weight[i, : len(a)] = 1.0
         images = np.stack([s.image for s in samples])
-        return {"input_ids": ids, "attention_mask": mask, "images": images, "pos": pos,
-                "labels": labels, "weight": weight}
+        out = {"input_ids": ids, "attention_mask": mask, "images": images, "pos": pos,
+               "labels": labels, "weight": weight}
+        out.update(patch_targets(samples))
+        return out
+
+
+def patch_targets(samples) -> dict[str, np.ndarray]:
+    """Per-patch labels [b, GRID*GRID] for the auxiliary loss: colour and shape of the object
+    covering the patch (0 = none, else 1 + index into scenes.COLORS / SHAPES) and 1 where an
+    object's centre lies (so counting reduces to counting flagged patches)."""
+    colors, shapes = list(scenes.COLORS), list(scenes.SHAPES)
+    out = {f"aux_{k}": np.zeros((len(samples), GRID, GRID), np.int32) for k in AUX_CLASSES}
+    for i, s in enumerate(samples):
+        if not s.objects:
+            continue
+        cov = scenes.object_coverage(s.objects, IMAGE_SIZE, GRID)
+        best, on = cov.argmax(0), cov.max(0) >= COVERED
+        color_of = np.array([1 + colors.index(o.color) for o in s.objects])
+        shape_of = np.array([1 + shapes.index(o.shape) for o in s.objects])
+        out["aux_color"][i] = np.where(on, color_of[best], 0)
+        out["aux_shape"][i] = np.where(on, shape_of[best], 0)
+        for o in s.objects:
+            out["aux_center"][i, min(int(o.center[1] // PATCH), GRID - 1), min(int(o.center[0] // PATCH), GRID - 1)] = 1
+    return {k: v.reshape(len(samples), -1) for k, v in out.items()}
 
 
 def _producer(split: str, seed: int, start: int, batch: int, count: int, encoder: Encoder, out: queue.Queue):
@@ -203,13 +234,47 @@ def answer_logits(graphdef, params, batch):
     return model.logits(h)
 
 
-def loss_fn(params, graphdef, batch):
+def training_forward(graphdef, params, batch):
+    """(answer logits [b, m, v], visual tokens [b, n, d]) in one pass (no KV cache)."""
+    from flax import nnx
+
+    from ep_jax.nn.llava import _causal
+
+    model = nnx.merge(graphdef, params)
+    feats = model.image_features(normalize(batch["images"]))
+    ids, valid = batch["input_ids"], batch["attention_mask"]
+    x = model.embed_inputs(ids, feats)
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+    rows = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+    h, *_ = model._run_segment(0, model.cfg.text.num_layers, x, positions, _causal(rows, valid), collect=False)
+    h = jnp.take_along_axis(h, batch["pos"][..., None], axis=1)
+    return model.logits(h), feats
+
+
+def init_aux_heads(dim: int, seed: int) -> dict:
+    key = jax.random.key(seed + 1)
+    return {k: {"w": 0.02 * jax.random.normal(jax.random.fold_in(key, i), (dim, c)), "b": jnp.zeros(c)}
+            for i, (k, c) in enumerate(AUX_CLASSES.items())}
+
+
+def loss_fn(params, graphdef, batch, r: Recipe):
+    """Answer cross-entropy (answer tokens + EOS) + `aux_weight` x the per-patch losses.
+    Returns (total, answer loss)."""
     import optax
 
-    logits = answer_logits(graphdef, params, batch)
+    logits, feats = training_forward(graphdef, params["model"], batch)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     w = batch["weight"]
-    return jnp.sum(ce * w) / jnp.sum(w)
+    answer = jnp.sum(ce * w) / jnp.sum(w)
+    if r.aux_weight == 0:
+        return answer, answer
+    aux = 0.0
+    for k, head in params["aux"].items():
+        target = batch[f"aux_{k}"]
+        pw = jnp.where(target > 0, r.aux_object_weight, 1.0)
+        patch_ce = optax.softmax_cross_entropy_with_integer_labels(feats @ head["w"] + head["b"], target)
+        aux = aux + jnp.sum(patch_ce * pw) / jnp.sum(pw)
+    return answer + r.aux_weight * aux, answer
 
 
 def make_optimizer(r: Recipe):
@@ -282,15 +347,16 @@ def train(out: Path, r: Recipe, minutes: float | None = None, progress: bool = T
           f"{cfg.image_seq_len} visual tokens", file=sys.stderr)
 
     opt, schedule = make_optimizer(r)
+    params = {"model": params, "aux": init_aux_heads(cfg.text.hidden_size, r.seed)}
     opt_state = opt.init(params)
 
     @jax.jit
     def step(params, opt_state, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(params, graphdef, batch)
+        (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graphdef, batch, r)
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    correct_fn = jax.jit(lambda p, b: correct(graphdef, p, b))
+    correct_fn = jax.jit(lambda p, b: correct(graphdef, p["model"], b))
     val = scenes.generate("val", r.val_n, seed=r.seed, image_size=IMAGE_SIZE)
 
     q: queue.Queue = queue.Queue(maxsize=4)
@@ -328,7 +394,7 @@ def train(out: Path, r: Recipe, minutes: float | None = None, progress: bool = T
     if save:
         from ep_jax.checkpoint import save as save_ckpt
 
-        save_ckpt(cfg, nnx.to_pure_dict(params), out, hf_config=cfg.to_hf_dict())
+        save_ckpt(cfg, nnx.to_pure_dict(params["model"]), out, hf_config=cfg.to_hf_dict())
         (out / "train_log.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"trained {done} steps in {wall / 60:.1f} min; val {fmt(history[-1]['val'])}", file=sys.stderr)
     return result

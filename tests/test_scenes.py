@@ -256,3 +256,27 @@ def test_cli_writes_pngs_and_jsonl(tmp_path):
         expected = make_sample("test", record["index"], seed=0, image_size=112)
         assert record["question"] == expected.question and record["answer"] == expected.answer
         assert np.array_equal(np.asarray(Image.open(tmp_path / record["file"])), expected.image)
+
+
+# --- per-patch object coverage (the training recipe's auxiliary targets) -----------------------
+
+
+def test_object_coverage_matches_geometry(samples):
+    big = [s for s in samples if s.image.shape[0] == 224]
+    checked = 0
+    for s in big[:40]:
+        cov = scenes.object_coverage(s.objects, 224, 14)
+        assert cov.shape == (len(s.objects), 14, 14) and cov.min() >= 0 and cov.max() <= 1
+        for obj, c in zip(s.objects, cov):
+            cx, cy = int(obj.center[0] // 16), int(obj.center[1] // 16)
+            assert c[cy, cx] > 0, "an object's centre cell must be covered by it"
+            ys, xs = np.nonzero(c)  # nothing outside the bounding box
+            assert xs.min() >= int(obj.bbox[0] // 16) and xs.max() <= int(obj.bbox[2] // 16)
+            assert ys.min() >= int(obj.bbox[1] // 16) and ys.max() <= int(obj.bbox[3] // 16)
+            if obj.shape == "circle":  # area in cells: pi r^2 / 16^2, r half a pixel wider (see doc)
+                assert c.sum() == pytest.approx(np.pi * (obj.radius + 0.5) ** 2 / 256, rel=0.06)
+                checked += 1
+        assert cov.sum(axis=0).max() <= 1.0 + 1e-6  # objects do not overlap
+    assert checked > 5
+    with pytest.raises(ValueError, match="multiple"):
+        scenes.object_coverage(big[0].objects, 224, 15)

@@ -81,3 +81,21 @@ def test_quality_benchmark_end_to_end(micro, tmp_path):
     assert "| entropy |" in (tmp_path / "quality.md").read_text()
     png = (tmp_path / "quality.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+
+
+def test_patch_targets_mark_each_object():
+    from ep_jax.data import scenes
+    from ep_jax.train import GRID, PATCH, patch_targets
+
+    samples = scenes.generate("train", 20, seed=3)
+    t = patch_targets(samples)
+    assert t["aux_color"].shape == t["aux_shape"].shape == t["aux_center"].shape == (20, GRID * GRID)
+    for i, s in enumerate(samples):
+        assert t["aux_center"][i].sum() == len(s.objects)  # one flagged cell per object: counting
+        for o in s.objects:
+            cell = int(o.center[1] // PATCH) * GRID + int(o.center[0] // PATCH)
+            assert t["aux_center"][i, cell] == 1
+            assert t["aux_color"][i, cell] == 1 + list(scenes.COLORS).index(o.color)
+            assert t["aux_shape"][i, cell] == 1 + scenes.SHAPES.index(o.shape)
+        on = t["aux_color"][i] > 0
+        assert np.array_equal(on, t["aux_shape"][i] > 0) and on.sum() >= len(s.objects)

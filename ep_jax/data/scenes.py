@@ -438,6 +438,36 @@ def _background_crop(rng: np.random.Generator, name: str, image_size: int) -> np
     return np.asarray(crop, np.float32).copy()
 
 
+def _draw_shape(draw: ImageDraw.ImageDraw, obj: SceneObject, cx: float, cy: float, ss: float) -> list:
+    """Fill `obj`'s silhouette centred at (cx, cy), `ss` mask pixels per image pixel; returns
+    the polygon's points ([] for a circle)."""
+    if obj.shape == "circle":
+        r = obj.radius * ss
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
+        return []
+    scale = obj.radius / _CIRCUMRADIUS[obj.shape]
+    points = [(cx + px * ss, cy + py * ss) for px, py in _outline_points(obj.shape, scale, obj.rotation_deg)]
+    draw.polygon(points, fill=255)
+    return points
+
+
+def object_coverage(objects, image_size: int, grid: int) -> np.ndarray:
+    """float32 [len(objects), grid, grid]: the fraction of each grid cell (a ViT patch when
+    `image_size / grid` is the patch size) that each object's silhouette covers, rasterised at
+    pixel resolution without antialiasing (PIL fills boundary pixels: about half a pixel wider
+    all round than the painted shape). Cheap enough to run per training sample."""
+    if image_size % grid:
+        raise ValueError(f"image_size {image_size} is not a multiple of grid {grid}")
+    cell = image_size // grid
+    out = np.zeros((len(objects), grid, grid), np.float32)
+    for k, obj in enumerate(objects):
+        mask = Image.new("L", (image_size, image_size), 0)
+        _draw_shape(ImageDraw.Draw(mask), obj, obj.center[0], obj.center[1], 1.0)
+        m = np.asarray(mask, np.float32) / 255.0
+        out[k] = m.reshape(grid, cell, grid, cell).mean(axis=(1, 3))
+    return out
+
+
 def _paint(image: np.ndarray, obj: SceneObject, image_size: int) -> None:
     """Alpha-composite one outlined, antialiased object into `image` (float32, in place)."""
     ss = _SUPERSAMPLE
@@ -449,15 +479,11 @@ def _paint(image: np.ndarray, obj: SceneObject, image_size: int) -> None:
     outline = max(1.0, _OUTLINE * image_size) * ss
     shape_mask, fill_mask = Image.new("L", (w * ss, h * ss), 0), Image.new("L", (w * ss, h * ss), 0)
     draw_shape, draw_fill = ImageDraw.Draw(shape_mask), ImageDraw.Draw(fill_mask)
+    points = _draw_shape(draw_shape, obj, cx, cy, ss)
     if obj.shape == "circle":
-        r = obj.radius * ss
-        draw_shape.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
-        r -= outline
+        r = obj.radius * ss - outline
         draw_fill.ellipse((cx - r, cy - r, cx + r, cy + r), fill=255)
     else:
-        scale = obj.radius / _CIRCUMRADIUS[obj.shape]
-        points = [(cx + px * ss, cy + py * ss) for px, py in _outline_points(obj.shape, scale, obj.rotation_deg)]
-        draw_shape.polygon(points, fill=255)
         draw_fill.polygon(points, fill=255)
         # A line centred on the edge, twice the outline wide, erases `outline` inside the edge.
         draw_fill.line(points + points[:1], fill=0, width=round(2 * outline), joint="curve")
