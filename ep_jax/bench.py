@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which R to time decode at: unpruned and the smallest R (default), every R, or none")
     s.add_argument("--padding", choices=["exact", "bucket"], default="exact",
                    help="prompt at its exact length (default), or left-padded to the Processor's length buckets "
-                        "as ep_jax.generate does (576 + ~60 tokens -> 1024)")
+                        "as ep_jax.generate does (576 + ~60 tokens -> 640)")
     s.add_argument("--no-profile", action="store_true", help="skip the component profile")
     s.add_argument("--vs-hf", action="store_true", help="also time transformers' PyTorch LLaVA, same weights")
     s.add_argument("--seed", type=int, default=0)

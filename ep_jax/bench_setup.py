@@ -179,7 +179,7 @@ def build_processor(cfg: LlavaConfig):
 def encode(processor, batch: int, padding: str = "exact") -> dict[str, np.ndarray]:
     """The benchmark inputs for `batch` copies of (photo, prompt): at their exact length
     ("exact": the measured time is that of the real tokens), or left-padded to the Processor's
-    length buckets as `ep_jax.generate` does ("bucket": 576 + ~60 tokens become 1024)."""
+    length buckets as `ep_jax.generate` does ("bucket": 576 + ~60 tokens become 640)."""
     from ep_jax.processing import DEFAULT_BUCKETS
 
     if padding not in ("exact", "bucket"):

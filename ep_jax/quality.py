@@ -1,6 +1,6 @@
 """Pruning quality on the scene-VQA test split: accuracy per method x budget x question type.
 
-    python -m ep_jax.quality [--methods none,entropy,fastv,random,pool] [--budgets 130,120,109]
+    python -m ep_jax.quality [--methods none,entropy,fastv,random,pool] [--budgets 131,120,109]
                              [--layers 2] [--n 1000] [--out DIR] [--model PATH]
 
 For every (method, K, A) the questions of `scenes.generate("test", n, seed)` are answered
@@ -26,12 +26,16 @@ from ep_jax.data import scenes
 METHODS = ("none", "entropy", "fastv", "random", "pool")
 
 
+KEEP_FRACTIONS = (1 / 3, 2 / 9, 1 / 9, 1 / 18, 1 / 36)
+
+
 def default_budgets(num_visual: int, num_layers: int, layer: int) -> tuple[int, ...]:
     """A values whose kept count R is about N/3, 2N/9, N/9 of the visual tokens (the keep
-    ratios of LLaVA-1.5's A = 192/128/64 of 576). In a shallow model the first K layers carry
-    all N tokens, so A itself cannot go below K*N/L; R is the comparable quantity."""
+    ratios of LLaVA-1.5's A = 192/128/64 of 576), then N/18 and N/36 (more aggressive). In a
+    shallow model the first K layers carry all N tokens, so A itself cannot go below K*N/L; R is
+    the comparable quantity, and the A values differ per K."""
     out = []
-    for frac in (1 / 3, 2 / 9, 1 / 9):
+    for frac in KEEP_FRACTIONS:
         keep = int(round(num_visual * frac))
         out.append(-(-(layer * num_visual + (num_layers - layer) * keep) // num_layers))  # ceil
     return tuple(out)
@@ -90,7 +94,8 @@ def run_quality(
     """Accuracy of each pruning method at each budget A (and layer K) on `n` test questions.
 
     model: an ep_jax `Model`, a checkpoint path, or None for the shipped model.
-    budgets: A values (average visual tokens per layer); default N/3, 2N/9, N/9.
+    budgets: A values (average visual tokens per layer), the same for every K; default per K,
+        R = N/3, 2N/9, N/9, N/18, N/36 (`default_budgets`).
     layers: K values; default the preset's prune layer (else 2).
     Returns a dict (also written as quality.json / quality.md / quality.png under out_dir).
     """
@@ -112,17 +117,19 @@ def run_quality(
     num_layers = cfg.text.num_layers
     if layers is None:
         layers = (preset.prune_layer if preset is not None and preset.prune_layer is not None else 2,)
-    if not budgets:
-        budgets = preset.budgets if preset is not None and preset.budgets else default_budgets(
-            num_visual, num_layers, min(layers))
-    budgets = tuple(budgets)
+    if budgets:
+        per_layer = {k: tuple(budgets) for k in layers}
+    elif preset is not None and preset.budgets:
+        per_layer = {k: tuple(preset.budgets) for k in layers}
+    else:
+        per_layer = {k: default_budgets(num_visual, num_layers, k) for k in layers}
     samples = scenes.generate("test", n, seed=seed, image_size=cfg.vision.image_size)
     proc = model.processor
     lengths = [len(proc.tokenize(proc.format(s.question, template=template))) for s in samples]
     seq_len = int(np.median(lengths))
 
     pruned_methods = [m for m in methods if m != "none"]
-    settings = [("none", None, None)] + [(m, k, a) for m in pruned_methods for k in layers for a in budgets]
+    settings = [("none", None, None)] + [(m, k, a) for m in pruned_methods for k in layers for a in per_layer[k]]
     bar = tqdm(total=n * len(settings), disable=not progress, file=sys.stderr, dynamic_ncols=True, desc="quality")
     t0 = time.perf_counter()
     base_answers = _answer(model, samples, None, template, batch, max_new_tokens, bar)
@@ -151,7 +158,7 @@ def run_quality(
         "split": "test", "n": n, "seed": seed, "template": template,
         "num_visual": num_visual, "num_layers": num_layers, "median_prompt_tokens": seq_len,
         "question_types": list(scenes.QUESTION_TYPES), "methods": list(methods),
-        "budgets": list(budgets), "layers": list(layers), "max_new_tokens": max_new_tokens,
+        "budgets": {str(k): list(v) for k, v in per_layer.items()}, "layers": list(layers), "max_new_tokens": max_new_tokens,
         "wall_s": time.perf_counter() - t0, "unpruned": base, "results": rows,
     }
     if out_dir is not None:
@@ -196,15 +203,15 @@ def plot(result: dict, path: Path) -> None:
             continue
         for layer in result["layers"]:
             rows = sorted((r for r in result["results"] if r["method"] == method and r["layer"] == layer),
-                          key=lambda r: r["avg_keep"])
+                          key=lambda r: r["keep"])
             if rows:
                 label = method if len(result["layers"]) == 1 else f"{method} K={layer}"
-                ax.plot([r["avg_keep"] for r in rows], [100 * r["accuracy"]["overall"] for r in rows],
-                        marker="o", label=label)
-    ax.set_xlabel(f"average visual tokens per layer A (of N={result['num_visual']})")
+                ax.plot([r["keep"] for r in rows], [100 * r["accuracy"]["overall"] for r in rows],
+                        marker="o", ls="-" if layer == result["layers"][0] else "--", label=label)
+    ax.set_xlabel(f"visual tokens kept from layer K on, R (of N={result['num_visual']})")
     ax.set_ylabel("test accuracy %")
     ax.set_title(f"Pruning quality, {result['n']} questions")
-    ax.legend()
+    ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -225,7 +232,8 @@ def _ints(s: str) -> tuple[int, ...]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--budgets", type=_ints, default=None, help="A values, comma separated (default: the preset's, else R = N/3, 2N/9, N/9)")
+    p.add_argument("--budgets", type=_ints, default=None,
+                   help="A values, comma separated (default per K: R = N/3, 2N/9, N/9, N/18, N/36)")
     p.add_argument("--layers", type=_ints, default=None, help="K values (default: the preset's)")
     p.add_argument("--n", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)

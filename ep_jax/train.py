@@ -1,6 +1,6 @@
 """Train the small LLaVA shipped with ep_jax, from scratch, on the scene-VQA data.
 
-    python -m ep_jax.train --out models/scenes-llava-tiny [--steps 1300] [--seed 0] [--minutes 33]
+    python -m ep_jax.train --out models/scenes-llava-tiny [--steps 2400] [--seed 0] [--minutes 60]
 
 What it builds (everything here, nothing downloaded):
 - a byte-level BPE tokenizer (`tokenizers`) trained on `scenes.tokenizer_corpus()` plus the chat
@@ -52,7 +52,7 @@ class Recipe:
     """Hyper-parameters of one training run (written to the model card)."""
 
     seed: int = 0
-    steps: int = 1300
+    steps: int = 2400
     batch: int = 12
     lr: float = 2e-3
     warmup: int = 100
@@ -67,12 +67,17 @@ class Recipe:
     text_layers: int = 4
     text_heads: int = 4
     text_mlp: int = 384
-    val_every: int = 200
+    val_every: int = 300
     val_n: int = 150
     # Auxiliary per-patch loss (training only; the heads are dropped, the shipped model is a
     # plain LLaVA): from the visual tokens the decoder reads, predict the colour and shape of
     # the object covering each patch and whether an object's centre lies in it.
     aux_weight: float = 1.0
+    # Further questions about the same image, asked as later chat turns of the training sequence
+    # (drawn from `scenes.scene_questions`): the image tokens, most of a sequence's cost, are
+    # then paid once for several supervised answers. The first turn is the sample's own balanced
+    # question in exactly the inference format; validation asks that one only.
+    extra_questions: int = 4
     aux_object_weight: float = 5.0  # patches on an object count this much more than background
 
 
@@ -144,48 +149,92 @@ def model_config(r: Recipe, tokenizer) -> LlavaConfig:
 # ---------------------------------------------------------------------------- batches
 class Encoder:
     """Question/answer -> token rows identical to `Processor.encode(template="llava_hf")`,
-    answer + EOS appended; cached per question (the question set is closed)."""
+    answer + EOS appended, then `extra` further turns "USER: {q} ASSISTANT: {a}</s>" (the LLaVA
+    conversation format); cached per question (the question set is closed)."""
 
-    def __init__(self, processor):
+    def __init__(self, processor, extra: int = 0):
         self.proc = processor
+        self.extra = extra
         self.eos = processor.tokenizer.eos_token_id
         self._prompt: dict[str, list[int]] = {}
+        self._turn: dict[str, list[int]] = {}
         self._answer: dict[str, list[int]] = {}
         corpus = scenes.tokenizer_corpus()
         questions, answers = corpus[: -len(scenes.ANSWERS)], scenes.ANSWERS
         self.max_answer = max(len(self.answer(a)) for a in answers)
-        self.seq_len = max(len(self.prompt(q)) for q in questions) + self.max_answer
+        max_turn = max(len(self.turn(q)) for q in questions)
+        self.single_len = max(len(self.prompt(q)) for q in questions) + self.max_answer
+        self.seq_len = self.single_len + extra * (max_turn + self.max_answer)
 
     def prompt(self, q: str) -> list[int]:
         if q not in self._prompt:
             self._prompt[q] = self.proc.tokenize(self.proc.format(q, template=TEMPLATE))
         return self._prompt[q]
 
+    def turn(self, q: str) -> list[int]:
+        """A later turn's prompt (after the previous answer's EOS): no BOS, no image."""
+        if q not in self._turn:
+            text = self.proc.format(q, num_images=0, template=TEMPLATE)
+            self._turn[q] = self.proc.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._turn[q]
+
     def answer(self, a: str) -> list[int]:
         if a not in self._answer:
             self._answer[a] = self.proc.tokenizer(" " + a, add_special_tokens=False)["input_ids"] + [self.eos]
         return self._answer[a]
 
-    def batch(self, samples) -> dict[str, np.ndarray]:
-        b, t, m = len(samples), self.seq_len, self.max_answer
+    def batch(self, samples, extra: int | None = None) -> dict[str, np.ndarray]:
+        extra = self.extra if extra is None else extra
+        b, m = len(samples), self.max_answer * (1 + extra)
+        if extra not in (0, self.extra):
+            raise ValueError(f"extra={extra}: this encoder pads for 0 or {self.extra} extra questions")
+        t = self.seq_len if extra else self.single_len
         ids = np.full((b, t), self.proc.pad_token_id, np.int32)
         mask = np.zeros((b, t), bool)
         pos = np.zeros((b, m), np.int32)  # rows whose logits predict the answer tokens
         labels = np.zeros((b, m), np.int32)
         weight = np.zeros((b, m), np.float32)
         for i, s in enumerate(samples):
-            p, a = self.prompt(s.question), self.answer(s.answer)
-            row = p + a
+            turns = [(self.prompt(s.question), s.answer)]
+            turns += [(self.turn(q), a) for q, a in extra_questions(s, extra)]
+            row, k = [], 0
+            for prompt, answer in turns:
+                a = self.answer(answer)
+                row += prompt
+                pos[i, k : k + len(a)] = np.arange(len(row) - 1, len(row) - 1 + len(a))
+                labels[i, k : k + len(a)] = a
+                weight[i, k : k + len(a)] = 1.0
+                row += a
+                k += len(a)
             ids[i, : len(row)] = row
             mask[i, : len(row)] = True
-            pos[i, : len(a)] = np.arange(len(p) - 1, len(p) - 1 + len(a))
-            labels[i, : len(a)] = a
-            weight[i, : len(a)] = 1.0
         images = np.stack([s.image for s in samples])
         out = {"input_ids": ids, "attention_mask": mask, "images": images, "pos": pos,
                "labels": labels, "weight": weight}
         out.update(patch_targets(samples))
         return out
+
+
+def extra_questions(sample, n: int) -> list[tuple[str, str]]:
+    """`n` further questions about `sample`'s scene, deterministic per sample: a question type
+    uniformly among those the scene can answer, then yes/no evenly for existence, then one
+    question uniformly."""
+    if n == 0:
+        return []
+    rng = np.random.default_rng([17, sample.seed, sample.index])
+    pools: dict[str, list[tuple[str, str]]] = {}
+    for q, a, qtype in scenes.scene_questions(sample.objects, sample.image.shape[0]):
+        pools.setdefault(f"exist-{a}" if qtype == "exist" else qtype, []).append((q, a))
+    kinds = sorted({k.split("-")[0] for k in pools})
+    out = []
+    for _ in range(n):
+        kind = kinds[rng.integers(len(kinds))]
+        if kind == "exist":
+            options = [k for k in ("exist-yes", "exist-no") if k in pools]
+            kind = options[rng.integers(len(options))]
+        pool = pools[kind]
+        out.append(pool[rng.integers(len(pool))])
+    return out
 
 
 def patch_targets(samples) -> dict[str, np.ndarray]:
@@ -306,7 +355,7 @@ def evaluate(correct_fn, params, encoder: Encoder, samples, batch: int = 50) -> 
     ok = []
     for lo in range(0, len(samples), batch):
         chunk = samples[lo : lo + batch]
-        b = encoder.batch(chunk)
+        b = encoder.batch(chunk, extra=0)  # the sample's own question, as at inference
         ok.extend(np.asarray(correct_fn(params, b)).tolist())
     return accuracy_table([s.qtype for s in samples], ok)
 
@@ -339,7 +388,7 @@ def train(out: Path, r: Recipe, minutes: float | None = None, progress: bool = T
     write_preprocessor(out)
     cfg = model_config(r, tokenizer)
     proc = Processor(tokenizer, ImageProcessor.from_dir(out), image_seq_len=cfg.image_seq_len)
-    encoder = Encoder(proc)
+    encoder = Encoder(proc, r.extra_questions)
     model = init_model(cfg, jnp.float32, seed=r.seed)
     graphdef, params = model.graphdef, model.state
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))

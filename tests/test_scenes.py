@@ -17,8 +17,8 @@ N_PROPERTY = 300  # samples per property stream; a multiple of 10 so types and y
 
 @pytest.fixture(scope="module")
 def samples():
-    """A train stream at 112 px and a test stream at 224 px."""
-    return generate("train", N_PROPERTY, seed=0, image_size=112) + generate("test", 100, seed=5, image_size=224)
+    """A train stream at 168 px and a test stream at 224 px."""
+    return generate("train", N_PROPERTY, seed=0, image_size=168) + generate("test", 100, seed=5, image_size=224)
 
 
 def _of_type(samples, qtype):
@@ -44,18 +44,18 @@ def _same(a, b):
 
 
 def test_same_arguments_give_identical_samples():
-    first, second = generate("val", 10, seed=3, image_size=112), generate("val", 10, seed=3, image_size=112)
+    first, second = generate("val", 10, seed=3, image_size=168), generate("val", 10, seed=3, image_size=168)
     assert all(_same(a, b) for a, b in zip(first, second, strict=True))
 
 
 def test_sample_depends_only_on_its_index():
-    stream = generate("val", 8, seed=3, image_size=112)
-    assert _same(make_sample("val", 6, seed=3, image_size=112), stream[6])
-    assert _same(next(iterate("val", seed=3, image_size=112, start=5)), stream[5])
+    stream = generate("val", 8, seed=3, image_size=168)
+    assert _same(make_sample("val", 6, seed=3, image_size=168), stream[6])
+    assert _same(next(iterate("val", seed=3, image_size=168, start=5)), stream[5])
 
 
 def test_different_seeds_differ():
-    a, b = generate("train", 10, seed=0, image_size=112), generate("train", 10, seed=1, image_size=112)
+    a, b = generate("train", 10, seed=0, image_size=168), generate("train", 10, seed=1, image_size=168)
     assert all(not np.array_equal(x.image, y.image) for x, y in zip(a, b))
     assert [(x.question, x.answer) for x in a] != [(y.question, y.answer) for y in b]
 
@@ -71,7 +71,7 @@ def test_split_photos_are_disjoint():
 
 
 def test_each_split_uses_only_its_photos_and_its_own_stream():
-    streams = {split: generate(split, 30, seed=0, image_size=112) for split in PHOTOS}
+    streams = {split: generate(split, 30, seed=0, image_size=168) for split in PHOTOS}
     for split, stream in streams.items():
         assert {s.background for s in stream} <= set(PHOTOS[split])
         assert len({s.background for s in stream}) >= 2  # really drawn from several photos
@@ -89,7 +89,7 @@ def test_backgrounds_load_without_network():
 # --- images -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", [112, 168, 224])
+@pytest.mark.parametrize("size", [168, 224, 336])
 def test_image_shape_and_dtype(size):
     sample = make_sample("train", 3, image_size=size)
     assert sample.image.shape == (size, size, 3) and sample.image.dtype == np.uint8
@@ -249,11 +249,11 @@ def test_bad_arguments_raise_clear_errors(kwargs, message):
 
 
 def test_cli_writes_pngs_and_jsonl(tmp_path):
-    scenes.main(["--out", str(tmp_path), "--n", "3", "--split", "test", "--image-size", "112"])
+    scenes.main(["--out", str(tmp_path), "--n", "3", "--split", "test", "--image-size", "168"])
     records = [json.loads(line) for line in (tmp_path / "questions.jsonl").read_text().splitlines()]
     assert len(records) == 3
     for record in records:
-        expected = make_sample("test", record["index"], seed=0, image_size=112)
+        expected = make_sample("test", record["index"], seed=0, image_size=168)
         assert record["question"] == expected.question and record["answer"] == expected.answer
         assert np.array_equal(np.asarray(Image.open(tmp_path / record["file"])), expected.image)
 
@@ -273,10 +273,38 @@ def test_object_coverage_matches_geometry(samples):
             ys, xs = np.nonzero(c)  # nothing outside the bounding box
             assert xs.min() >= int(obj.bbox[0] // 16) and xs.max() <= int(obj.bbox[2] // 16)
             assert ys.min() >= int(obj.bbox[1] // 16) and ys.max() <= int(obj.bbox[3] // 16)
-            if obj.shape == "circle":  # area in cells: pi r^2 / 16^2, r half a pixel wider (see doc)
-                assert c.sum() == pytest.approx(np.pi * (obj.radius + 0.5) ** 2 / 256, rel=0.06)
-                checked += 1
+            # Objects sit on the board: a small one in its cell, a large one in a 2x2 block.
+            span = 2 if obj.size == "large" else 1
+            r0, c0 = int(obj.center[1] // 16) - span // 2, int(obj.center[0] // 16) - span // 2
+            block = c[r0 : r0 + span, c0 : c0 + span]
+            assert block.sum() == pytest.approx(c.sum()) and block.min() > 0.1
+            checked += 1
         assert cov.sum(axis=0).max() <= 1.0 + 1e-6  # objects do not overlap
     assert checked > 5
     with pytest.raises(ValueError, match="multiple"):
         scenes.object_coverage(big[0].objects, 224, 15)
+
+
+def test_scene_questions_contain_the_samples_own_question(samples):
+    # Two independent paths to an answer: the generator builds the scene around its answer,
+    # scene_questions reads it back from the placed objects.
+    for s in samples:
+        qs = scenes.scene_questions(s.objects, s.image.shape[0])
+        assert (s.question, s.answer, s.qtype) in qs
+        assert len({q for q, _, _ in qs}) == len(qs)  # one answer per question
+        assert {a for _, a, _ in qs} <= set(ANSWERS)
+
+
+def test_objects_sit_inside_their_board_cells(samples):
+    for s in samples:
+        cell = s.image.shape[0] / scenes.BOARD
+        taken = set()
+        for o in s.objects:
+            span = 2 if o.size == "large" else 1
+            col0, row0 = o.center[0] / cell - span / 2, o.center[1] / cell - span / 2
+            assert col0 == int(col0) and row0 == int(row0)  # aligned to the grid
+            x0, y0, x1, y1 = o.bbox
+            assert col0 * cell < x0 and x1 < (col0 + span) * cell and row0 * cell < y0 and y1 < (row0 + span) * cell
+            cells = {(int(row0) + i, int(col0) + j) for i in range(span) for j in range(span)}
+            assert not cells & taken
+            taken |= cells

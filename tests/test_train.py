@@ -61,24 +61,38 @@ def test_transformers_greedy_parity_after_export(micro, tmp_path):
         assert new[: len(want)] == want
 
 
-def test_quality_benchmark_end_to_end(micro, tmp_path):
-    from ep_jax.quality import default_budgets, run_quality
+def test_default_budgets_keep_fractions():
+    from ep_jax.prune import budget
+    from ep_jax.quality import default_budgets
 
-    budgets = default_budgets(196, 4, 2)
-    assert budgets == (131, 120, 109)
-    res = run_quality(micro[0], methods=("none", "entropy", "pool"), budgets=(130,), n=20, batch=20,
+    a = default_budgets(196, 4, 2)
+    assert a == (131, 120, 109, 104, 101)
+    # R = 2A - 196 moves in steps of 2 here: the kept counts are the targets up to one step.
+    kept = [budget(x, 4, 2, 196) for x in a]
+    assert all(abs(r - t) <= 1 for r, t in zip(kept, (65, 44, 22, 11, 5))), kept
+    # At K = 1 the same fractions need smaller averages.
+    kept = [budget(x, 4, 1, 196) for x in default_budgets(196, 4, 1)]
+    assert all(abs(r - t) <= 1 for r, t in zip(kept, (65, 44, 22, 11, 5))), kept
+
+
+def test_quality_benchmark_end_to_end(micro, tmp_path):
+    from ep_jax.quality import run_quality
+
+    res = run_quality(micro[0], methods=("none", "entropy", "pool"), budgets=(130,), layers=(1, 2), n=20, batch=20,
                       out_dir=tmp_path, progress=False)
-    assert [r["method"] for r in res["results"]] == ["none", "entropy", "pool"]
+    assert [(r["method"], r["layer"]) for r in res["results"]] == [
+        ("none", None), ("entropy", 1), ("entropy", 2), ("pool", 1), ("pool", 2)]
     for r in res["results"]:
         assert set(r["accuracy"]) == {"overall", "color", "shape", "count", "exist", "position"}
         assert 0.0 <= r["accuracy"]["overall"] <= 1.0 and 0.0 <= r["agreement"] <= 1.0
-    none, entropy, _ = res["results"]
-    assert none["keep"] == 196 and entropy["keep"] == 64  # R = (4*130 - 2*196) / 2
+    none, entropy1, entropy2 = res["results"][:3]
+    assert none["keep"] == 196 and entropy2["keep"] == 64 and entropy1["keep"] == 108  # R = (4A - K*196) / (4 - K)
     assert none["agreement"] == 1.0
-    assert 0.0 < entropy["flops_reduction"] < 1.0
+    assert 0.0 < entropy2["flops_reduction"] < entropy1["flops_reduction"] < 1.0
     on_disk = json.loads((tmp_path / "quality.json").read_text())
-    assert on_disk["n"] == 20 and len(on_disk["results"]) == 3
-    assert "| entropy |" in (tmp_path / "quality.md").read_text()
+    assert on_disk["n"] == 20 and len(on_disk["results"]) == 5 and on_disk["budgets"] == {"1": [130], "2": [130]}
+    md = (tmp_path / "quality.md").read_text()
+    assert md.count("\n| entropy |") == 2 and "| none |" in md
     png = (tmp_path / "quality.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
 
@@ -99,3 +113,45 @@ def test_patch_targets_mark_each_object():
             assert t["aux_shape"][i, cell] == 1 + scenes.SHAPES.index(o.shape)
         on = t["aux_color"][i] > 0
         assert np.array_equal(on, t["aux_shape"][i] > 0) and on.sum() >= len(s.objects)
+
+
+def test_extra_questions_are_deterministic_and_cover_every_type():
+    from collections import Counter
+
+    from ep_jax.data import scenes
+    from ep_jax.train import extra_questions
+
+    samples = scenes.generate("train", 60, seed=1)
+    picks = [extra_questions(s, 4) for s in samples]
+    assert picks == [extra_questions(s, 4) for s in samples]
+    asked = Counter()
+    for s, qs in zip(samples, picks):
+        valid = {q: a for q, a, _ in scenes.scene_questions(s.objects, 224)}
+        assert len(qs) == 4 and all(valid[q] == a for q, a in qs)
+        asked.update(t for q, _, t in scenes.scene_questions(s.objects, 224) if (q, valid[q]) in qs)
+    assert set(asked) == set(scenes.QUESTION_TYPES)
+    answers = Counter(a for qs in picks for _, a in qs)
+    assert answers["yes"] > 0 and answers["no"] > 0
+
+
+def test_encoder_rows_start_with_the_inference_prompt_and_label_every_answer(tmp_path):
+    from ep_jax.data import scenes
+    from ep_jax.processing import ImageProcessor, Processor
+    from ep_jax.train import Encoder, Recipe, build_tokenizer, extra_questions, write_preprocessor
+
+    tok = build_tokenizer(tmp_path, Recipe.vocab_size)
+    write_preprocessor(tmp_path)
+    proc = Processor(tok, ImageProcessor.from_dir(tmp_path), image_seq_len=196)
+    enc = Encoder(proc, extra=2)
+    samples = scenes.generate("train", 6, seed=2)
+    batch, single = enc.batch(samples), enc.batch(samples, extra=0)
+    assert batch["input_ids"].shape == (6, enc.seq_len) and single["input_ids"].shape == (6, enc.single_len)
+    for i, s in enumerate(samples):
+        ref = proc.encode([s.question], [[s.image]], template="llava_hf", bucket_sizes=None)["input_ids"][0]
+        assert np.array_equal(batch["input_ids"][i, : len(ref)], ref)
+        assert np.array_equal(single["input_ids"][i, : len(ref)], ref)
+        w = batch["weight"][i] > 0
+        # Each labelled row predicts the next token of the sequence: the answers and their EOS.
+        assert np.array_equal(batch["input_ids"][i, batch["pos"][i, w] + 1], batch["labels"][i, w])
+        said = tok.decode(batch["labels"][i, w], skip_special_tokens=False).split("</s>")[:-1]
+        assert [a.strip() for a in said] == [s.answer] + [a for _, a in extra_questions(s, 2)]

@@ -1,7 +1,7 @@
 """Synthetic visual-question-answering scenes over real photographs.
 
-Each sample is a few flat-coloured, dark-outlined shapes composited (without overlap, fully
-inside the frame) over a toned-down crop of a real photo, plus one question with a one-word
+Each sample is a few flat-coloured, dark-outlined shapes composited (on the cells of a 14 x 14
+board, without overlap, fully inside the frame) over a toned-down crop of a real photo, plus one question with a one-word
 answer that is exact by construction. It is the training and evaluation data for the small
 LLaVA model shipped with ep_jax, so it must be:
 
@@ -29,6 +29,7 @@ import functools
 import itertools
 import json
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -78,15 +79,17 @@ _TEMPLATES = {
     "position": "In which quadrant is the {color} {shape}?",
 }
 
-# Geometry, as fractions of the image side. `s` is an object's visual size; each shape's
-# constants make the four shapes of one size class look about equally big.
-_SIZE_FRACTION = {"small": 0.055, "large": 0.09}
+# Geometry. Objects sit on a BOARD x BOARD grid of cells (at 224 px: 16-px cells, the patch
+# grid of a ViT with 16-px patches): a small object inside one cell, a large one inside a 2x2
+# block. Each ViT patch then sees a whole small object, or the same quarter of a large one, at
+# a fixed offset, so shape is a per-patch feature a small model learns quickly. Sizes are
+# circumradii in cells (shrunk by up to _SIZE_JITTER); rotation keeps every shape in its cells.
+BOARD = 14
+_CELL_RADIUS = {"small": 0.46, "large": 0.92}
 _SIZE_JITTER = 0.08
 _CIRCUMRADIUS = {"circle": 1.0, "square": 0.88 * math.sqrt(2.0), "triangle": 1.4, "star": 1.4}
 _STAR_INNER = 0.5  # inner/outer radius of the star's concave vertices
 _MAX_ROTATION_DEG = 10.0
-_BORDER_MARGIN = 0.02  # object to image edge
-_OBJECT_GAP = 0.03  # between circumscribed circles of two objects
 _CENTRE_LINE_MARGIN = 0.02  # a position target keeps this far off both centre lines
 _OUTLINE = 0.009  # outline width
 _OUTLINE_RGB = np.array((25, 25, 25), np.float32)
@@ -100,8 +103,6 @@ _BLUR_OUTPUT_PX = 0.8  # Gaussian radius at output scale for a mid-sized crop
 _CROP_FRACTION = (0.45, 1.0)  # crop side / photo's short side
 _PHOTO_SHORT_SIDE = 2.2  # cached photos keep at most this many output sides of resolution
 
-_PLACEMENT_TRIES = 60
-_SCENE_TRIES = 200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +203,33 @@ def tokenizer_corpus() -> list[str]:
     return lines + list(ANSWERS)
 
 
+def scene_questions(objects, image_size: int) -> list[tuple[str, str, str]]:
+    """Every question with an unambiguous answer about this scene, as (question, answer, qtype):
+    the colour of each shape present once, the shape of each colour present once, all counts,
+    every colour-shape pair's existence, and the quadrant of each pair present once whose centre
+    keeps the centre-line margin. Used to ask several questions about one training image."""
+    out = []
+    shapes, colors = Counter(o.shape for o in objects), Counter(o.color for o in objects)
+    pairs = Counter((o.color, o.shape) for o in objects)
+    half, line = image_size / 2, _CENTRE_LINE_MARGIN * image_size
+    for o in objects:
+        if shapes[o.shape] == 1:
+            out.append((_TEMPLATES["color"].format(shape=o.shape), o.color, "color"))
+        if colors[o.color] == 1:
+            out.append((_TEMPLATES["shape"].format(color=o.color), o.shape, "shape"))
+        x, y = o.center
+        if pairs[(o.color, o.shape)] == 1 and abs(x - half) >= line and abs(y - half) >= line:
+            question = _TEMPLATES["position"].format(color=o.color, shape=o.shape)
+            out.append((question, quadrant_of(x, y, image_size), "position"))
+    out.append((_TEMPLATES["count_all"], str(len(objects)), "count"))
+    for shape in SHAPES:
+        out.append((_TEMPLATES["count_shape"].format(shape=shape), str(shapes[shape]), "count"))
+    for color in COLORS:
+        for shape in SHAPES:
+            out.append((_exist_question(color, shape), "yes" if pairs[(color, shape)] else "no", "exist"))
+    return out
+
+
 def quadrant_of(x: float, y: float, image_size: int) -> str:
     half = image_size / 2
     return QUADRANTS[2 * int(y >= half) + int(x >= half)]
@@ -212,8 +240,11 @@ def _check_args(split: str, seed: int, image_size: int) -> None:
         raise ValueError(f"unknown split {split!r}; choose one of {sorted(SPLIT_IDS)}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0 (it seeds numpy's SeedSequence), got {seed}")
-    if image_size < 64:
-        raise ValueError(f"image_size {image_size} is too small for six objects; use >= 64")
+    if image_size < 12 * BOARD or image_size % BOARD:
+        raise ValueError(
+            f"image_size {image_size} must be a multiple of {BOARD} (the object grid) and >= {12 * BOARD} "
+            "(cells of at least 12 px keep a small outlined object readable)"
+        )
 
 
 # Questions: the answer is drawn first, then the object list is built to make it true.
@@ -337,53 +368,39 @@ def _extent(shape: str, scale: float, rotation_deg: float) -> tuple[float, float
 def _place_objects(
     rng: np.random.Generator, specs: list[Spec], quadrant: str | None, image_size: int
 ) -> tuple[SceneObject, ...]:
-    """Rejection-sample non-overlapping positions; the first spec goes into `quadrant` if set."""
-    S = float(image_size)
-    border, gap = _BORDER_MARGIN * S, _OBJECT_GAP * S
-    # Draw each object's look once, so a re-placement only moves objects.
-    looks = []
+    """Put each object in free board cells (1x1 small, 2x2 large), uniformly among the free
+    spots; the first spec goes wholly inside `quadrant` if set. Never overlaps, never fails
+    (six 2x2 blocks use 24 of the 196 cells)."""
+    cell = image_size / BOARD
+    free = np.ones((BOARD, BOARD), bool)
+    looks = []  # drawn once per object, before positions
     for shape, color, size in specs:
-        scale = _SIZE_FRACTION[size] * S * (1 + rng.uniform(-_SIZE_JITTER, _SIZE_JITTER))
+        radius = _CELL_RADIUS[size] * cell * (1 - rng.uniform(0, _SIZE_JITTER))
         rotation = 0.0 if shape == "circle" else float(rng.uniform(-_MAX_ROTATION_DEG, _MAX_ROTATION_DEG))
         jitter = rng.integers(-_COLOR_JITTER, _COLOR_JITTER + 1, size=3)
         rgb = tuple(int(v) for v in np.clip(np.array(COLORS[color]) + jitter, 0, 255))
-        looks.append((scale, rotation, rgb))
-    # Big objects first packs better; the quadrant target goes first regardless.
-    order = sorted(range(len(specs)), key=lambda i: (quadrant is None or i != 0, -looks[i][0]))
-
-    for _ in range(_SCENE_TRIES):
-        placed: dict[int, SceneObject] = {}
-        for i in order:
-            shape, color, size = specs[i]
-            scale, rotation, rgb = looks[i]
-            dx0, dy0, dx1, dy1 = _extent(shape, scale, rotation)
-            lo_x, hi_x, lo_y, hi_y = border - dx0, S - border - dx1, border - dy0, S - border - dy1
-            if quadrant is not None and i == 0:
-                half, line = S / 2, _CENTRE_LINE_MARGIN * S
-                right, bottom = quadrant.endswith("right"), quadrant.startswith("bottom")
-                lo_x, hi_x = (half + line - dx0, hi_x) if right else (lo_x, half - line - dx1)
-                lo_y, hi_y = (half + line - dy0, hi_y) if bottom else (lo_y, half - line - dy1)
-            radius = _CIRCUMRADIUS[shape] * scale
-            for _ in range(_PLACEMENT_TRIES):
-                x, y = rng.uniform(lo_x, hi_x), rng.uniform(lo_y, hi_y)
-                if all(math.hypot(x - o.center[0], y - o.center[1]) > radius + o.radius + gap for o in placed.values()):
-                    placed[i] = SceneObject(
-                        shape=shape,
-                        color=color,
-                        size=size,
-                        center=(float(x), float(y)),
-                        radius=float(radius),
-                        bbox=(float(x + dx0), float(y + dy0), float(x + dx1), float(y + dy1)),
-                        rgb=rgb,
-                        rotation_deg=rotation,
-                    )
-                    break
-            else:
-                break
-        if len(placed) == len(specs):
-            # List order carries no information: the target is not always first.
-            return tuple(placed[i] for i in rng.permutation(len(specs)))
-    raise RuntimeError(f"could not place {len(specs)} objects in a {image_size}px image")
+        looks.append((radius, rotation, rgb))
+    placed: dict[int, SceneObject] = {}
+    for i, (shape, color, size) in enumerate(specs):  # the quadrant target is specs[0]
+        radius, rotation, rgb = looks[i]
+        span = 2 if size == "large" else 1
+        rows = cols = range(BOARD - span + 1)
+        if quadrant is not None and i == 0:
+            half = BOARD // 2
+            rows = range(half, BOARD - span + 1) if quadrant.startswith("bottom") else range(0, half - span + 1)
+            cols = range(half, BOARD - span + 1) if quadrant.endswith("right") else range(0, half - span + 1)
+        spots = [(r, c) for r in rows for c in cols if free[r : r + span, c : c + span].all()]
+        r, c = spots[rng.integers(len(spots))]
+        free[r : r + span, c : c + span] = False
+        x, y = (c + span / 2) * cell, (r + span / 2) * cell
+        scale = radius / _CIRCUMRADIUS[shape]
+        dx0, dy0, dx1, dy1 = _extent(shape, scale, rotation)
+        placed[i] = SceneObject(
+            shape=shape, color=color, size=size, center=(float(x), float(y)), radius=float(radius),
+            bbox=(float(x + dx0), float(y + dy0), float(x + dx1), float(y + dy1)), rgb=rgb, rotation_deg=rotation,
+        )
+    # List order carries no information: the target is not always first.
+    return tuple(placed[i] for i in rng.permutation(len(specs)))
 
 
 # Pixels
