@@ -275,7 +275,10 @@ def _prune_stage(graphdef, state, x, proj, input_ids, positions, valid, *, stage
 
 
 def _caches(keys, values, valid, *, room):
-    return SegmentCache.from_prefill(keys, values, valid, room)
+    # The layers already wrote keys/values with the decode room; returning them from a separate
+    # jitted call would time a copy the prefill never makes, so only the entry mask comes back.
+    cache = SegmentCache.from_prefill(keys, values, valid, room)
+    return cache.mask, cache.index
 
 
 def _head(graphdef, state, x):
