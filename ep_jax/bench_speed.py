@@ -408,7 +408,6 @@ def run_speed(model, processor, *, budgets: list[Budget], with_unpruned: bool, m
               decode: str = "ends", padding: str = "exact", log: Callable[[str], None] = print) -> dict[str, Any]:
     room = gen._room(max_new)
     inputs = prepare(model, processor, batch, padding)
-    text = model.config.text
     seq, n = inputs.seq_len, inputs.num_visual
     itemsize = jnp.dtype(model.dtype).itemsize
     padded = inputs.input_ids.shape[1]
