@@ -9,13 +9,17 @@ What it builds (everything here, nothing downloaded):
   two-layer GELU MLP projector, LLaMA decoder (RMSNorm, RoPE, SwiGLU);
 - teacher-forced training on `scenes.iterate("train", seed)`: the inputs are exactly what
   `Processor.encode(..., template="llava_hf")` produces at inference (same token ids, right
-  padded), the loss covers the answer tokens and the EOS only.
+  padded), the loss covers the answer tokens and the EOS only; `extra_questions` more questions
+  about the same scene follow as later chat turns;
+- an auxiliary per-patch loss on the visual tokens (colour, shape, object centre), training only.
 
 Validation accuracy is the greedy exact match computed with teacher forcing: a greedy decoder
 emits `answer + EOS` iff the argmax at every answer position equals the target token, so the
 teacher-forced "all argmax right" rate equals the generation accuracy, at the cost of one
-forward pass. Deterministic for a fixed seed, step count, batch size and CPU thread count
-(`--minutes` is only a safety cap: hitting it stops early and says so).
+forward pass. Beside it, each auxiliary head's accuracy on the patches an object covers shows
+what the visual tokens already encode (colour, shape, object centres). Deterministic for a
+fixed seed, step count, batch size and CPU thread count (`--minutes` is only a safety cap:
+hitting it stops early and says so).
 """
 
 from __future__ import annotations
@@ -274,15 +278,6 @@ def normalize(images_u8: jax.Array) -> jax.Array:
     return x.transpose(0, 3, 1, 2)
 
 
-def answer_logits(graphdef, params, batch):
-    from flax import nnx
-
-    model = nnx.merge(graphdef, params)
-    res = model.prefill(batch["input_ids"], normalize(batch["images"]), batch["attention_mask"], None)
-    h = jnp.take_along_axis(res.hidden, batch["pos"][..., None], axis=1)
-    return model.logits(h)
-
-
 def training_forward(graphdef, params, batch):
     """(answer logits [b, m, v], visual tokens [b, n, d]) in one pass (no KV cache)."""
     from flax import nnx
@@ -344,20 +339,34 @@ def make_optimizer(r: Recipe):
     ), schedule
 
 
-def correct(graphdef, params, batch):
-    """Per example: greedy decoding would produce exactly answer + EOS."""
-    logits = answer_logits(graphdef, params, batch)
+def check(graphdef, params, batch):
+    """Per example, whether greedy decoding would produce exactly answer + EOS; per auxiliary
+    head, (right predictions, count) over the patches an object covers: what the visual tokens
+    the decoder reads already encode."""
+    logits, feats = training_forward(graphdef, params["model"], batch)
     hit = (jnp.argmax(logits, -1) == batch["labels"]) | (batch["weight"] == 0)
-    return jnp.all(hit, axis=-1)
+    aux = {}
+    for k, head in params["aux"].items():
+        target = batch[f"aux_{k}"]
+        on = target > 0
+        pred = jnp.argmax(feats @ head["w"] + head["b"], -1)
+        aux[k] = (jnp.sum((pred == target) & on), jnp.sum(on))
+    return jnp.all(hit, axis=-1), aux
 
 
-def evaluate(correct_fn, params, encoder: Encoder, samples, batch: int = 50) -> dict[str, float]:
-    ok = []
+def evaluate(check_fn, params, encoder: Encoder, samples, batch: int = 50) -> tuple[dict[str, float], dict[str, float]]:
+    """(accuracy per question type, per-patch accuracy of each auxiliary head on object patches)."""
+    ok, right, total = [], {k: 0 for k in AUX_CLASSES}, {k: 0 for k in AUX_CLASSES}
     for lo in range(0, len(samples), batch):
         chunk = samples[lo : lo + batch]
         b = encoder.batch(chunk, extra=0)  # the sample's own question, as at inference
-        ok.extend(np.asarray(correct_fn(params, b)).tolist())
-    return accuracy_table([s.qtype for s in samples], ok)
+        hits, aux = check_fn(params, b)
+        ok.extend(np.asarray(hits).tolist())
+        for k, (n_right, n) in aux.items():
+            right[k] += int(n_right)
+            total[k] += int(n)
+    patches = {k: right[k] / max(total[k], 1) for k in AUX_CLASSES}
+    return accuracy_table([s.qtype for s in samples], ok), patches
 
 
 def accuracy_table(qtypes, ok) -> dict[str, float]:
@@ -405,7 +414,7 @@ def train(out: Path, r: Recipe, minutes: float | None = None, progress: bool = T
         updates, opt_state = opt.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
 
-    correct_fn = jax.jit(lambda p, b: correct(graphdef, p["model"], b))
+    check_fn = jax.jit(lambda p, b: check(graphdef, p, b))
     val = scenes.generate("val", r.val_n, seed=r.seed, image_size=IMAGE_SIZE)
 
     q: queue.Queue = queue.Queue(maxsize=4)
@@ -426,17 +435,20 @@ def train(out: Path, r: Recipe, minutes: float | None = None, progress: bool = T
             bar.set_postfix(loss=f"{ema:.3f}", lr=f"{float(schedule(i)):.1e}")
         bar.update(1)
         if done % r.val_every == 0 or done == r.steps:
-            acc = evaluate(correct_fn, params, encoder, val)
-            history.append({"step": done, "minutes": (time.time() - t_start) / 60, "loss": ema, "val": acc})
-            bar.write(f"step {done}: loss {ema:.3f} val {fmt(acc)} ({(time.time() - t_start) / 60:.1f} min)")
+            acc, patches = evaluate(check_fn, params, encoder, val)
+            history.append({"step": done, "minutes": (time.time() - t_start) / 60, "loss": ema, "val": acc,
+                            "val_patches": patches})
+            bar.write(f"step {done}: loss {ema:.3f} val {fmt(acc)} | object patches {fmt(patches)} "
+                      f"({(time.time() - t_start) / 60:.1f} min)")
         if minutes is not None and time.time() - t_start > 60 * minutes:
             stopped_early = True
             bar.write(f"stopping at step {done}: the {minutes}-minute cap was reached (run is not the full recipe)")
             break
     bar.close()
     if not history or history[-1]["step"] != done:
-        acc = evaluate(correct_fn, params, encoder, val)
-        history.append({"step": done, "minutes": (time.time() - t_start) / 60, "loss": ema, "val": acc})
+        acc, patches = evaluate(check_fn, params, encoder, val)
+        history.append({"step": done, "minutes": (time.time() - t_start) / 60, "loss": ema, "val": acc,
+                        "val_patches": patches})
     wall = time.time() - t_start
     result = {"recipe": dataclasses.asdict(r), "steps_done": done, "stopped_early": stopped_early,
               "wall_minutes": wall / 60, "params": n_params, "history": history, "val": history[-1]["val"]}

@@ -30,6 +30,8 @@ def test_training_is_deterministic_and_saves_a_loadable_model(micro, tmp_path):
     assert result["history"][-1]["loss"] == again["history"][-1]["loss"]
     assert np.isfinite(result["history"][-1]["loss"])
     assert set(result["val"]) == {"overall", "color", "shape", "count", "exist", "position"}
+    patches = result["history"][-1]["val_patches"]
+    assert set(patches) == {"color", "shape", "center"} and all(0.0 <= v <= 1.0 for v in patches.values())
     model = ep_jax.load(out)
     assert model.config.image_seq_len == 196  # 224 px / 16 px patches: a 14 x 14 grid
     assert model.processor.image_token_id == 4
