@@ -28,7 +28,7 @@ from ep_jax import generate as gen
 from ep_jax import prune as prune_lib
 from ep_jax.bench_setup import DEFAULT_LAYER, Budget, encode
 from ep_jax.cache import SegmentCache
-from ep_jax.nn.llava import PruneStage, _causal
+from ep_jax.nn.llava import PruneStage, _causal, prompt_layout
 
 PAD_ID = 3
 NEVER = (-1,)  # no token id is -1: decode always produces max_new tokens (random weights hit EOS)
@@ -249,9 +249,7 @@ def _vision(graphdef, state, pixels):
 def _embed(graphdef, state, input_ids, feats, attention_mask):
     m = _merge(graphdef, state)
     x = m.embed_inputs(input_ids, feats)
-    valid = attention_mask.astype(bool)
-    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
-    rows = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+    valid, positions, rows = prompt_layout(attention_mask)
     return x, positions, rows, valid
 
 

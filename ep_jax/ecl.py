@@ -149,15 +149,12 @@ class EntropyProfile:
 def _profile_fn(graphdef, state, input_ids, pixel_values, attention_mask, *, num_visual, quantile_levels,
                 source, dim_scale, trace_normalize, precision):
     """The jitted body: embeddings -> scan over all layers, per-layer statistics inside the scan."""
-    from ep_jax.nn.llava import _causal
+    from ep_jax.nn.llava import _causal, prompt_layout
 
     model = nnx.merge(graphdef, state)
     cfg = model.cfg
-    b, s = input_ids.shape
     x = model.embed_inputs(input_ids, model.image_features(pixel_values))
-    valid = attention_mask.astype(bool)
-    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
-    rows = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+    valid, positions, rows = prompt_layout(attention_mask)
     mask = _causal(rows, valid)
     is_visual = input_ids == cfg.image_token_id
     visual_positions = jax.vmap(lambda m: jnp.nonzero(m, size=num_visual)[0])(is_visual).astype(jnp.int32)

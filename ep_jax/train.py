@@ -77,12 +77,12 @@ class Recipe:
     # plain LLaVA): from the visual tokens the decoder reads, predict the colour and shape of
     # the object covering each patch and whether an object's centre lies in it.
     aux_weight: float = 1.0
+    aux_object_weight: float = 5.0  # patches on an object count this much more than background
     # Further questions about the same image, asked as later chat turns of the training sequence
     # (drawn from `scenes.scene_questions`): the image tokens, most of a sequence's cost, are
     # then paid once for several supervised answers. The first turn is the sample's own balanced
     # question in exactly the inference format; validation asks that one only.
     extra_questions: int = 4
-    aux_object_weight: float = 5.0  # patches on an object count this much more than background
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -282,14 +282,12 @@ def training_forward(graphdef, params, batch):
     """(answer logits [b, m, v], visual tokens [b, n, d]) in one pass (no KV cache)."""
     from flax import nnx
 
-    from ep_jax.nn.llava import _causal
+    from ep_jax.nn.llava import _causal, prompt_layout
 
     model = nnx.merge(graphdef, params)
     feats = model.image_features(normalize(batch["images"]))
-    ids, valid = batch["input_ids"], batch["attention_mask"]
-    x = model.embed_inputs(ids, feats)
-    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
-    rows = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+    x = model.embed_inputs(batch["input_ids"], feats)
+    valid, positions, rows = prompt_layout(batch["attention_mask"])
     h, *_ = model._run_segment(0, model.cfg.text.num_layers, x, positions, _causal(rows, valid), collect=False)
     h = jnp.take_along_axis(h, batch["pos"][..., None], axis=1)
     return model.logits(h), feats

@@ -134,10 +134,7 @@ class Llava(nnx.Module):
         num_layers = cfg.text.num_layers
         feats = None if pixel_values is None else self.image_features(pixel_values)
         x = self.embed_inputs(input_ids, feats)
-        valid = attention_mask.astype(bool)
-        # RoPE positions count real tokens only, so padding on either side changes nothing.
-        positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
-        rows = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        valid, positions, rows = prompt_layout(attention_mask)
         next_position = jnp.sum(valid, axis=1).astype(jnp.int32)
 
         layer = num_layers if stage is None else stage.layer
@@ -241,6 +238,16 @@ class Llava(nnx.Module):
             new_segments.append(SegmentCache(keys, values, key_mask, idx + 1))
         logits = self.logits(x[:, 0])
         return logits, KVCache(tuple(new_segments), cache.next_position + 1, cache.bounds)
+
+
+def prompt_layout(attention_mask: Bool[Array, "b s"]) -> tuple[Bool[Array, "b s"], Int[Array, "b s"], Int[Array, "b s"]]:
+    """(valid, RoPE positions, sequence rows) of a prompt. Positions count real tokens only, so
+    padding on either side changes nothing; rows are the original indices (`_causal` compares
+    them, and after pruning they are the kept tokens' indices)."""
+    valid = attention_mask.astype(bool)
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+    rows = jnp.broadcast_to(jnp.arange(valid.shape[1], dtype=jnp.int32), valid.shape)
+    return valid, positions, rows
 
 
 def _causal(rows: Int[Array, "b s"], valid: Bool[Array, "b s"]) -> Bool[Array, "b s s"]:
