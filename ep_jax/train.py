@@ -1,6 +1,6 @@
 """Train the small LLaVA shipped with ep_jax, from scratch, on the scene-VQA data.
 
-    python -m ep_jax.train --out models/scenes-llava-tiny [--steps 2400] [--seed 0] [--minutes 60]
+    python -m ep_jax.train --out models/scenes-llava-tiny [--steps 3300] [--seed 0] [--minutes 60]
 
 What it builds (everything here, nothing downloaded):
 - a byte-level BPE tokenizer (`tokenizers`) trained on `scenes.tokenizer_corpus()` plus the chat
@@ -11,7 +11,11 @@ What it builds (everything here, nothing downloaded):
   `Processor.encode(..., template="llava_hf")` produces at inference (same token ids, right
   padded), the loss covers the answer tokens and the EOS only; `extra_questions` more questions
   about the same scene follow as later chat turns;
-- an auxiliary per-patch loss on the visual tokens (colour, shape, object centre), training only.
+- training-only supervision (dropped from the checkpoint, a plain LLaVA): a per-patch loss on
+  the visual tokens (colour, shape, quadrant, object centre) and attention targets for head 0 of
+  two decoder layers at the answer positions (the question's key words, then the patches of
+  the objects asked about: `scenes.referents`);
+- after training, accuracy on `test_n` test questions and a MODEL_CARD.md.
 
 Validation accuracy is the greedy exact match computed with teacher forcing: a greedy decoder
 emits `answer + EOS` iff the argmax at every answer position equals the target token, so the
@@ -48,7 +52,9 @@ IMAGE_SIZE = 224
 PATCH = 16
 GRID = IMAGE_SIZE // PATCH
 COVERED = 0.15  # a patch belongs to an object when the object covers this much of it
-AUX_CLASSES = {"color": len(scenes.COLORS) + 1, "shape": len(scenes.SHAPES) + 1, "center": 2}
+AUX_CLASSES = {"color": len(scenes.COLORS) + 1, "shape": len(scenes.SHAPES) + 1, "center": 2,
+               "quadrant": len(scenes.QUADRANTS) + 1}
+COUNT_CLASSES = {"same_shape": scenes.MAX_OBJECTS + 1, "objects": scenes.MAX_OBJECTS + 1}  # Recipe.count_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +62,7 @@ class Recipe:
     """Hyper-parameters of one training run (written to the model card)."""
 
     seed: int = 0
-    steps: int = 2400
+    steps: int = 3300
     batch: int = 12
     lr: float = 2e-3
     warmup: int = 100
@@ -73,16 +79,32 @@ class Recipe:
     text_mlp: int = 384
     val_every: int = 300
     val_n: int = 150
+    test_n: int = 500  # test-split questions scored after training (model card)
     # Auxiliary per-patch loss (training only; the heads are dropped, the shipped model is a
-    # plain LLaVA): from the visual tokens the decoder reads, predict the colour and shape of
-    # the object covering each patch and whether an object's centre lies in it.
+    # plain LLaVA): from the visual tokens the decoder reads, predict the colour, shape and
+    # quadrant of the object covering each patch and whether an object's centre lies in it.
     aux_weight: float = 1.0
     aux_object_weight: float = 5.0  # patches on an object count this much more than background
+    # 1: two more per-patch heads teach the ViT to count: on object patches the number of
+    # objects of that shape, on every patch the number of objects.
+    count_heads: int = 0
     # Further questions about the same image, asked as later chat turns of the training sequence
     # (drawn from `scenes.scene_questions`): the image tokens, most of a sequence's cost, are
     # then paid once for several supervised answers. The first turn is the sample's own balanced
     # question in exactly the inference format; validation asks that one only.
     extra_questions: int = 4
+    # Attention supervision (training only): at the position that predicts each answer, head 0
+    # of decoder layer `attn_layer` is trained towards the evidence (`scenes.referents`): the
+    # patches of the object asked about; for a count, each counted object's centre patch and
+    # the BOS token (the share left to BOS tells how many); BOS alone when nothing matches.
+    # The first hop is supervised the same way: head 0 of layer `word_attn_layer` at those
+    # positions is trained towards the question's key words (colour, shape, "objects").
+    attn_weight: float = 1.0
+    attn_layer: int = 1
+    word_attn_layer: int = 0
+    # The ViT's (learned) position embeddings start as 2-D sine-cosine codes instead of noise,
+    # so where a patch lies (a position question's answer) is readable from the first step.
+    sincos_positions: int = 1
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -198,12 +220,15 @@ class Encoder:
         pos = np.zeros((b, m), np.int32)  # rows whose logits predict the answer tokens
         labels = np.zeros((b, m), np.int32)
         weight = np.zeros((b, m), np.float32)
+        starts = []  # per sample: (answer slot, question) of each turn
         for i, s in enumerate(samples):
-            turns = [(self.prompt(s.question), s.answer)]
-            turns += [(self.turn(q), a) for q, a in extra_questions(s, extra)]
+            more = extra_questions(s, extra)
+            turns = [(self.prompt(s.question), s.answer)] + [(self.turn(q), a) for q, a in more]
+            starts.append([])
             row, k = [], 0
-            for prompt, answer in turns:
+            for (prompt, answer), question in zip(turns, [s.question] + [q for q, _ in more]):
                 a = self.answer(answer)
+                starts[-1].append((range(k, k + len(a) - 1), question, len(row), len(row) + len(prompt)))
                 row += prompt
                 pos[i, k : k + len(a)] = np.arange(len(row) - 1, len(row) - 1 + len(a))
                 labels[i, k : k + len(a)] = a
@@ -215,47 +240,106 @@ class Encoder:
         images = np.stack([s.image for s in samples])
         out = {"input_ids": ids, "attention_mask": mask, "images": images, "pos": pos,
                "labels": labels, "weight": weight}
-        out.update(patch_targets(samples))
+        covers = [scenes.object_coverage(s.objects, IMAGE_SIZE, GRID) if s.objects else None for s in samples]
+        out.update(patch_targets(samples, covers))
+        out.update(self.attention_targets(samples, covers, ids, m, starts))
         return out
+
+    def attention_targets(self, samples, covers, ids, m, starts) -> dict[str, np.ndarray]:
+        """Target attentions [b, m, t] of the positions predicting each answer's tokens (not its
+        EOS; `attn_on` [b, m] marks those; `starts[i]`: (answer slots, question, prompt start,
+        prompt end) per turn): over the evidence (`attn_target`) and over the question's key
+        words (`word_target`), see `Recipe.attn_weight`; other rows are zero."""
+        b = len(samples)
+        target = np.zeros((b, m, ids.shape[1]), np.float32)
+        words = np.zeros((b, m, ids.shape[1]), np.float32)
+        on = np.zeros((b, m), np.float32)
+        image_id = self.proc.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        for i, s in enumerate(samples):
+            image_rows = np.flatnonzero(ids[i] == image_id)
+            for slots, question, lo, hi in starts[i]:
+                w = np.zeros(ids.shape[1], np.float32)
+                for word in key_words(question):
+                    w[lo + _find(ids[i, lo:hi], self.word(word))] = 1.0
+                hits, counting = scenes.referents(question, s.objects)
+                t = np.zeros(ids.shape[1], np.float32)
+                if counting or not hits:
+                    t[0] = 1.0  # BOS
+                for h in hits:
+                    if counting:
+                        cy, cx = (min(int(c // PATCH), GRID - 1) for c in s.objects[h].center[::-1])
+                        t[image_rows[cy * GRID + cx]] = 1.0
+                    else:
+                        t[image_rows[np.flatnonzero(covers[i][h].reshape(-1) >= COVERED)]] = 1.0
+                target[i, slots], words[i, slots], on[i, slots] = t / t.sum(), w / w.sum(), 1.0
+        return {"attn_target": target, "word_target": words, "attn_on": on}
+
+    def word(self, w: str) -> list[int]:
+        """Token ids of `w` inside a question (after a space)."""
+        return self.proc.tokenizer(" " + w, add_special_tokens=False)["input_ids"]
+
+
+def key_words(question: str) -> list[str]:
+    """The words that say what a question is about: colours, shapes (or plurals), "objects"."""
+    return [w for w in question.rstrip("?").split()
+            if w in scenes.COLORS or w in scenes.SHAPES or w.removesuffix("s") in scenes.SHAPES or w == "objects"]
+
+
+def _find(row: np.ndarray, word: list[int]) -> np.ndarray:
+    """Indices in `row` of the first occurrence of the token sequence `word`."""
+    for j in range(len(row) - len(word) + 1):
+        if list(row[j : j + len(word)]) == word:
+            return np.arange(j, j + len(word))
+    raise ValueError(f"tokens {word} not found in {row.tolist()}")
 
 
 def extra_questions(sample, n: int) -> list[tuple[str, str]]:
-    """`n` further questions about `sample`'s scene, deterministic per sample: a question type
-    uniformly among those the scene can answer, then yes/no evenly for existence, then one
-    question uniformly."""
+    """`n` further questions about `sample`'s scene, deterministic per sample, none asked twice
+    (nor the sample's own): a question type uniformly among those left, then yes/no evenly for
+    existence, then one question uniformly. Fewer when the scene runs out of questions."""
     if n == 0:
         return []
     rng = np.random.default_rng([17, sample.seed, sample.index])
     pools: dict[str, list[tuple[str, str]]] = {}
     for q, a, qtype in scenes.scene_questions(sample.objects, sample.image.shape[0]):
-        pools.setdefault(f"exist-{a}" if qtype == "exist" else qtype, []).append((q, a))
-    kinds = sorted({k.split("-")[0] for k in pools})
+        if q != sample.question:
+            pools.setdefault(f"exist-{a}" if qtype == "exist" else qtype, []).append((q, a))
     out = []
-    for _ in range(n):
+    while len(out) < n and pools:
+        kinds = sorted({k.split("-")[0] for k in pools})
         kind = kinds[rng.integers(len(kinds))]
         if kind == "exist":
             options = [k for k in ("exist-yes", "exist-no") if k in pools]
             kind = options[rng.integers(len(options))]
-        pool = pools[kind]
-        out.append(pool[rng.integers(len(pool))])
+        out.append(pools[kind].pop(rng.integers(len(pools[kind]))))
+        if not pools[kind]:
+            del pools[kind]
     return out
 
 
-def patch_targets(samples) -> dict[str, np.ndarray]:
+def patch_targets(samples, covers=None) -> dict[str, np.ndarray]:
     """Per-patch labels [b, GRID*GRID] for the auxiliary loss: colour and shape of the object
-    covering the patch (0 = none, else 1 + index into scenes.COLORS / SHAPES) and 1 where an
-    object's centre lies (so counting reduces to counting flagged patches)."""
+    covering the patch (0 = none, else 1 + index into scenes.COLORS / SHAPES), the patch's
+    quadrant on object patches (1 + index into scenes.QUADRANTS), and 1 where an object's centre
+    lies (so counting reduces to counting flagged patches). `covers`: each sample's
+    `scenes.object_coverage`, when already computed."""
     colors, shapes = list(scenes.COLORS), list(scenes.SHAPES)
-    out = {f"aux_{k}": np.zeros((len(samples), GRID, GRID), np.int32) for k in AUX_CLASSES}
+    half = np.arange(GRID) >= GRID // 2
+    quadrant = 1 + 2 * half[:, None] + half[None, :]
+    out = {f"aux_{k}": np.zeros((len(samples), GRID, GRID), np.int32) for k in {**AUX_CLASSES, **COUNT_CLASSES}}
     for i, s in enumerate(samples):
         if not s.objects:
             continue
-        cov = scenes.object_coverage(s.objects, IMAGE_SIZE, GRID)
+        cov = scenes.object_coverage(s.objects, IMAGE_SIZE, GRID) if covers is None else covers[i]
         best, on = cov.argmax(0), cov.max(0) >= COVERED
         color_of = np.array([1 + colors.index(o.color) for o in s.objects])
         shape_of = np.array([1 + shapes.index(o.shape) for o in s.objects])
         out["aux_color"][i] = np.where(on, color_of[best], 0)
         out["aux_shape"][i] = np.where(on, shape_of[best], 0)
+        out["aux_quadrant"][i] = np.where(on, quadrant, 0)
+        same = np.array([sum(p.shape == o.shape for p in s.objects) for o in s.objects])
+        out["aux_same_shape"][i] = np.where(on, same[best], 0)
+        out["aux_objects"][i] = len(s.objects)
         for o in s.objects:
             out["aux_center"][i, min(int(o.center[1] // PATCH), GRID - 1), min(int(o.center[0] // PATCH), GRID - 1)] = 1
     return {k: v.reshape(len(samples), -1) for k, v in out.items()}
@@ -278,8 +362,9 @@ def normalize(images_u8: jax.Array) -> jax.Array:
     return x.transpose(0, 3, 1, 2)
 
 
-def training_forward(graphdef, params, batch):
-    """(answer logits [b, m, v], visual tokens [b, n, d]) in one pass (no KV cache)."""
+def training_forward(graphdef, params, batch, attn_layers: tuple[int, ...] = ()):
+    """(answer logits [b, m, v], visual tokens [b, n, d], log attention [b, m, t] of head 0 of
+    each decoder layer in `attn_layers` at the answer positions) in one pass (no KV cache)."""
     from flax import nnx
 
     from ep_jax.nn.llava import _causal, prompt_layout
@@ -288,35 +373,78 @@ def training_forward(graphdef, params, batch):
     feats = model.image_features(normalize(batch["images"]))
     x = model.embed_inputs(batch["input_ids"], feats)
     valid, positions, rows = prompt_layout(batch["attention_mask"])
-    h, *_ = model._run_segment(0, model.cfg.text.num_layers, x, positions, _causal(rows, valid), collect=False)
+    mask = _causal(rows, valid)
+    log_attn, h, done = [], x, 0
+    for layer in sorted(attn_layers):  # run up to each supervised layer, read its head 0
+        if layer > done:
+            h, *_ = model._run_segment(done, layer, h, positions, mask, collect=False)
+        done = layer
+        log_attn.append(_head0_log_attention(model, layer, h, positions, mask, batch["pos"]))
+    h, *_ = model._run_segment(done, model.cfg.text.num_layers, h, positions, mask, collect=False)
     h = jnp.take_along_axis(h, batch["pos"][..., None], axis=1)
-    return model.logits(h), feats
+    order = sorted(attn_layers)
+    return model.logits(h), feats, [log_attn[order.index(layer)] for layer in attn_layers]
 
 
-def init_aux_heads(dim: int, seed: int) -> dict:
+def _head0_log_attention(model, layer_index, h, positions, mask, rows):
+    """Log-softmax attention [b, m, t] of query head 0 of one decoder layer, for the queries at
+    `rows` [b, m] (exactly what that layer computes there; kv head 0 serves query head 0)."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(model.layers)
+    layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[layer_index], state))
+    q, k, _, _ = layer.qkv(h, positions)
+    q = jnp.take_along_axis(q[:, :, 0], rows[..., None], axis=1)  # [b, m, hd]
+    logits = jnp.einsum("bmh,bth->bmt", q, k[:, :, 0], preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    row_mask = jnp.take_along_axis(mask, rows[..., None], axis=1)
+    return jax.nn.log_softmax(jnp.where(row_mask, logits, -1e30), axis=-1)
+
+
+def init_aux_heads(dim: int, seed: int, count_heads: bool = False) -> dict:
     key = jax.random.key(seed + 1)
+    classes = {**AUX_CLASSES, **(COUNT_CLASSES if count_heads else {})}
     return {k: {"w": 0.02 * jax.random.normal(jax.random.fold_in(key, i), (dim, c)), "b": jnp.zeros(c)}
-            for i, (k, c) in enumerate(AUX_CLASSES.items())}
+            for i, (k, c) in enumerate(classes.items())}
+
+
+def sincos_positions(grid: int, dim: int) -> np.ndarray:
+    """[1 + grid*grid, dim] 2-D sine-cosine position codes (MAE-style; half the channels
+    encode the row, half the column), the CLS row zero."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (np.arange(quarter) / quarter)
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    parts = [f(c.reshape(-1, 1) * omega) for c in (rows, cols) for f in (np.sin, np.cos)]
+    codes = np.zeros((1 + grid * grid, dim), np.float32)
+    codes[1:, : 4 * quarter] = np.concatenate(parts, axis=1)
+    return codes
 
 
 def loss_fn(params, graphdef, batch, r: Recipe):
-    """Answer cross-entropy (answer tokens + EOS) + `aux_weight` x the per-patch losses.
-    Returns (total, answer loss)."""
+    """Answer cross-entropy (answer tokens + EOS) + `attn_weight` x the attention loss +
+    `aux_weight` x the per-patch losses. Returns (total, (answer loss, attention loss))."""
     import optax
 
-    logits, feats = training_forward(graphdef, params["model"], batch)
+    layers = (r.attn_layer, r.word_attn_layer) if r.attn_weight else ()
+    logits, feats, log_attn = training_forward(graphdef, params["model"], batch, layers)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
     w = batch["weight"]
     answer = jnp.sum(ce * w) / jnp.sum(w)
+    attn = jnp.zeros(())
+    if r.attn_weight:
+        on = batch["attn_on"]
+        for target, logp in zip((batch["attn_target"], batch["word_target"]), log_attn):
+            attn_ce = -jnp.sum(jnp.where(target > 0, target * logp, 0.0), axis=-1)
+            attn = attn + jnp.sum(attn_ce * on) / jnp.maximum(jnp.sum(on), 1.0)
+    total = answer + r.attn_weight * attn
     if r.aux_weight == 0:
-        return answer, answer
+        return total, (answer, attn)
     aux = 0.0
     for k, head in params["aux"].items():
         target = batch[f"aux_{k}"]
         pw = jnp.where(target > 0, r.aux_object_weight, 1.0)
         patch_ce = optax.softmax_cross_entropy_with_integer_labels(feats @ head["w"] + head["b"], target)
         aux = aux + jnp.sum(patch_ce * pw) / jnp.sum(pw)
-    return answer + r.aux_weight * aux, answer
+    return total + r.aux_weight * aux, (answer, attn)
 
 
 def make_optimizer(r: Recipe):
@@ -341,7 +469,7 @@ def check(graphdef, params, batch):
     """Per example, whether greedy decoding would produce exactly answer + EOS; per auxiliary
     head, (right predictions, count) over the patches an object covers: what the visual tokens
     the decoder reads already encode."""
-    logits, feats = training_forward(graphdef, params["model"], batch)
+    logits, feats, _ = training_forward(graphdef, params["model"], batch)
     hit = (jnp.argmax(logits, -1) == batch["labels"]) | (batch["weight"] == 0)
     aux = {}
     for k, head in params["aux"].items():
@@ -354,16 +482,16 @@ def check(graphdef, params, batch):
 
 def evaluate(check_fn, params, encoder: Encoder, samples, batch: int = 50) -> tuple[dict[str, float], dict[str, float]]:
     """(accuracy per question type, per-patch accuracy of each auxiliary head on object patches)."""
-    ok, right, total = [], {k: 0 for k in AUX_CLASSES}, {k: 0 for k in AUX_CLASSES}
+    ok, right, total = [], {}, {}
     for lo in range(0, len(samples), batch):
         chunk = samples[lo : lo + batch]
         b = encoder.batch(chunk, extra=0)  # the sample's own question, as at inference
         hits, aux = check_fn(params, b)
         ok.extend(np.asarray(hits).tolist())
         for k, (n_right, n) in aux.items():
-            right[k] += int(n_right)
-            total[k] += int(n)
-    patches = {k: right[k] / max(total[k], 1) for k in AUX_CLASSES}
+            right[k] = right.get(k, 0) + int(n_right)
+            total[k] = total.get(k, 0) + int(n)
+    patches = {k: right[k] / max(total[k], 1) for k in right}
     return accuracy_table([s.qtype for s in samples], ok), patches
 
 
@@ -398,19 +526,21 @@ def train(out: Path, r: Recipe, minutes: float | None = None, progress: bool = T
     encoder = Encoder(proc, r.extra_questions)
     model = init_model(cfg, jnp.float32, seed=r.seed)
     graphdef, params = model.graphdef, model.state
+    if r.sincos_positions:
+        params["vision"]["pos"].value = jnp.asarray(sincos_positions(GRID, cfg.vision.hidden_size))
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
     print(f"model: {n_params / 1e6:.2f}M params, vocab {cfg.text.vocab_size}, seq {encoder.seq_len}, "
           f"{cfg.image_seq_len} visual tokens", file=sys.stderr)
 
     opt, schedule = make_optimizer(r)
-    params = {"model": params, "aux": init_aux_heads(cfg.text.hidden_size, r.seed)}
+    params = {"model": params, "aux": init_aux_heads(cfg.text.hidden_size, r.seed, bool(r.count_heads))}
     opt_state = opt.init(params)
 
     @jax.jit
     def step(params, opt_state, batch):
-        (_, loss), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graphdef, batch, r)
+        (_, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graphdef, batch, r)
         updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, losses
 
     check_fn = jax.jit(lambda p, b: check(graphdef, p, b))
     val = scenes.generate("val", r.val_n, seed=r.seed, image_size=IMAGE_SIZE)
@@ -420,23 +550,24 @@ def train(out: Path, r: Recipe, minutes: float | None = None, progress: bool = T
 
     history = []
     bar = tqdm(total=r.steps, disable=not progress, dynamic_ncols=True, file=sys.stderr)
-    ema = None
+    ema = attn_ema = None
     done = 0
     stopped_early = False
     for i in range(r.steps):
         batch = q.get()
-        params, opt_state, loss = step(params, opt_state, batch)
+        params, opt_state, (loss, attn_loss) = step(params, opt_state, batch)
         done = i + 1
         if i % 10 == 0 or done == r.steps:
-            loss = float(loss)
+            loss, attn_loss = float(loss), float(attn_loss)
             ema = loss if ema is None else 0.9 * ema + 0.1 * loss
-            bar.set_postfix(loss=f"{ema:.3f}", lr=f"{float(schedule(i)):.1e}")
+            attn_ema = attn_loss if attn_ema is None else 0.9 * attn_ema + 0.1 * attn_loss
+            bar.set_postfix(loss=f"{ema:.3f}", attn=f"{attn_ema:.2f}", lr=f"{float(schedule(i)):.1e}")
         bar.update(1)
         if done % r.val_every == 0 or done == r.steps:
             acc, patches = evaluate(check_fn, params, encoder, val)
-            history.append({"step": done, "minutes": (time.time() - t_start) / 60, "loss": ema, "val": acc,
-                            "val_patches": patches})
-            bar.write(f"step {done}: loss {ema:.3f} val {fmt(acc)} | object patches {fmt(patches)} "
+            history.append({"step": done, "minutes": (time.time() - t_start) / 60, "loss": ema,
+                            "attn_loss": attn_ema, "val": acc, "val_patches": patches})
+            bar.write(f"step {done}: loss {ema:.3f} attention {attn_ema:.2f} val {fmt(acc)} | object patches {fmt(patches)} "
                       f"({(time.time() - t_start) / 60:.1f} min)")
         if minutes is not None and time.time() - t_start > 60 * minutes:
             stopped_early = True
@@ -445,18 +576,75 @@ def train(out: Path, r: Recipe, minutes: float | None = None, progress: bool = T
     bar.close()
     if not history or history[-1]["step"] != done:
         acc, patches = evaluate(check_fn, params, encoder, val)
-        history.append({"step": done, "minutes": (time.time() - t_start) / 60, "loss": ema, "val": acc,
-                        "val_patches": patches})
+        history.append({"step": done, "minutes": (time.time() - t_start) / 60, "loss": ema,
+                        "attn_loss": attn_ema, "val": acc, "val_patches": patches})
     wall = time.time() - t_start
     result = {"recipe": dataclasses.asdict(r), "steps_done": done, "stopped_early": stopped_early,
               "wall_minutes": wall / 60, "params": n_params, "history": history, "val": history[-1]["val"]}
+    print(f"trained {done} steps in {wall / 60:.1f} min; val {fmt(history[-1]['val'])}", file=sys.stderr)
+    if r.test_n:
+        test = scenes.generate("test", r.test_n, seed=r.seed, image_size=IMAGE_SIZE)
+        result["test"], _ = evaluate(check_fn, params, encoder, test)
+        print(f"test ({r.test_n} questions): {fmt(result['test'])}", file=sys.stderr)
     if save:
         from ep_jax.checkpoint import save as save_ckpt
 
         save_ckpt(cfg, nnx.to_pure_dict(params["model"]), out, hf_config=cfg.to_hf_dict())
         (out / "train_log.json").write_text(json.dumps(result, indent=1) + "\n")
-    print(f"trained {done} steps in {wall / 60:.1f} min; val {fmt(history[-1]['val'])}", file=sys.stderr)
+        (out / "MODEL_CARD.md").write_text(model_card(out.name, result, cfg))
     return result
+
+
+def model_card(name: str, result: dict, cfg: LlavaConfig) -> str:
+    """The model card: task, architecture, the exact training command, accuracy per type."""
+    r, v, t = Recipe(**result["recipe"]), cfg.vision, cfg.text
+    defaults = dataclasses.asdict(Recipe())
+    changed = " ".join(f"--set {k}={val}" for k, val in dataclasses.asdict(r).items() if val != defaults[k])
+    cols = ["overall", *scenes.QUESTION_TYPES]
+    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    row = lambda acc: "| " + " | ".join(f"{100 * acc[c]:.1f}" for c in cols) + " |\n"  # noqa: E731
+    val_rows = "".join(f"| {h['step']} | {h['minutes']:.1f} | {h['loss']:.3f} " + row(h["val"])
+                       for h in result["history"])
+    test = (f"## Test accuracy (unpruned, greedy exact match, {r.test_n} test-split questions)\n\n"
+            + head + row(result["test"]) + "\n") if "test" in result else ""
+    return f"""# {name}
+
+A small LLaVA-architecture vision-language model trained **from scratch** by `ep_jax.train` on the
+synthetic scene-VQA task of `ep_jax.data.scenes` (flat-coloured shapes over toned-down crops of
+real photos; one-word answers; train/val/test use disjoint photos). It is the model
+`python -m ep_jax.generate` uses when no `--model` is given, and the test bed of the pruning
+quality benchmark (`python -m ep_jax.bench quality`).
+
+{test}## Task
+Five question types, balanced: `color` ("What color is the star?"), `shape` ("What shape is the
+red object?"), `count` ("How many circles are there?" / "How many objects are there?", 0-6),
+`exist` ("Is there a blue square?", yes/no), `position` ("In which quadrant is the green
+triangle?", top-left/top-right/bottom-left/bottom-right).
+
+## Architecture ({result['params'] / 1e6:.2f}M parameters, float32)
+- Vision: CLIP ViT, {v.image_size} px, {v.patch_size} px patches -> **{cfg.image_seq_len} visual tokens**, width
+  {v.hidden_size}, {v.num_layers} layers, {v.num_heads} heads, quick_gelu; features from the last layer, CLS dropped.
+- Projector: Linear-GELU-Linear ({v.hidden_size} -> {t.hidden_size}).
+- Decoder: LLaMA, width {t.hidden_size}, {t.num_layers} layers, {t.num_heads} heads, SwiGLU {t.intermediate_size}, RoPE, vocab {t.vocab_size}.
+- Tokenizer: byte-level BPE trained here with `tokenizers`; `<image>` is one token.
+- Chat template `llava_hf`: `USER: <image>\\n{{question}} ASSISTANT:`.
+
+## Training
+`python -m ep_jax.train --out models/{name}{(' ' + changed) if changed else ''}` (recipe in `train_log.json`):
+{result['steps_done']} steps x batch {r.batch} fresh scenes, each with its own question plus {r.extra_questions} more
+as later chat turns; AdamW (lr {r.lr}, warmup {r.warmup}, cosine), teacher forcing, loss on the answers.
+Training-only supervision, dropped from the checkpoint (a plain LLaVA): per-patch heads on the
+visual tokens (colour, shape, quadrant, object centre) and, at the positions that
+predict an answer, attention targets for head 0 of decoder layers {r.word_attn_layer} (the question's key
+words) and {r.attn_layer} (the patches of the objects asked about).
+Wall time: **{result['wall_minutes']:.1f} min** on the machine that ran it{' (stopped early by --minutes)' if result['stopped_early'] else ''}.
+Deterministic for a fixed seed, step count, batch and CPU thread count.
+
+Validation during training (150 val-split questions, so about +-9 points per type):
+
+| step | min | loss | {' | '.join(cols)} |
+|---|---|---|{'---|' * len(cols)}
+{val_rows}"""
 
 
 def main(argv=None) -> int:

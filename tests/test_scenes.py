@@ -308,3 +308,21 @@ def test_objects_sit_inside_their_board_cells(samples):
             cells = {(int(row0) + i, int(col0) + j) for i in range(span) for j in range(span)}
             assert not cells & taken
             taken |= cells
+
+
+def test_referents_are_the_objects_that_decide_the_answer(samples):
+    for s in samples:
+        for q, a, qtype in scenes.scene_questions(s.objects, s.image.shape[0]):
+            hits, counting = scenes.referents(q, s.objects)
+            assert counting == (qtype == "count")
+            if qtype == "count":
+                assert len(hits) == int(a)
+            elif qtype == "exist":
+                assert bool(hits) == (a == "yes")
+            else:
+                (k,) = hits  # exactly one object, and it carries the answer
+                o = s.objects[k]
+                assert a == {"color": o.color, "shape": o.shape,
+                             "position": scenes.quadrant_of(*o.center, s.image.shape[0])}[qtype]
+    with pytest.raises(ValueError, match="not a scene question"):
+        scenes.referents("What is this?", samples[0].objects)

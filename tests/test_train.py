@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-MICRO = dict(steps=4, batch=2, warmup=1, val_every=100, val_n=6, vision_width=32, vision_layers=1,
-             vision_heads=2, text_width=32, text_layers=4, text_heads=2, text_mlp=64)
+MICRO = dict(steps=4, batch=2, warmup=1, val_every=100, val_n=6, test_n=6, vision_width=32,
+             vision_layers=1, vision_heads=2, text_width=32, text_layers=4, text_heads=2, text_mlp=64)
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def micro(tmp_path_factory):
 
 def test_training_is_deterministic_and_saves_a_loadable_model(micro, tmp_path):
     import ep_jax
-    from ep_jax.train import Recipe, train
+    from ep_jax.train import AUX_CLASSES, Recipe, train
 
     out, result = micro
     again = train(tmp_path / "again", Recipe(**MICRO), progress=False, save=False)
@@ -31,12 +31,14 @@ def test_training_is_deterministic_and_saves_a_loadable_model(micro, tmp_path):
     assert np.isfinite(result["history"][-1]["loss"])
     assert set(result["val"]) == {"overall", "color", "shape", "count", "exist", "position"}
     patches = result["history"][-1]["val_patches"]
-    assert set(patches) == {"color", "shape", "center"} and all(0.0 <= v <= 1.0 for v in patches.values())
+    assert set(patches) == set(AUX_CLASSES) and all(0.0 <= v <= 1.0 for v in patches.values())
     model = ep_jax.load(out)
     assert model.config.image_seq_len == 196  # 224 px / 16 px patches: a 14 x 14 grid
     assert model.processor.image_token_id == 4
     log = json.loads((out / "train_log.json").read_text())
-    assert log["recipe"]["steps"] == MICRO["steps"]
+    assert log["recipe"]["steps"] == MICRO["steps"] and set(log["test"]) == set(log["val"])
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "--set steps=4" in card and "Test accuracy" in card and "| 4 |" in card
 
 
 def test_transformers_greedy_parity_after_export(micro, tmp_path):
@@ -115,6 +117,11 @@ def test_patch_targets_mark_each_object():
             assert t["aux_shape"][i, cell] == 1 + scenes.SHAPES.index(o.shape)
         on = t["aux_color"][i] > 0
         assert np.array_equal(on, t["aux_shape"][i] > 0) and on.sum() >= len(s.objects)
+        assert np.array_equal(on, t["aux_quadrant"][i] > 0)
+        for o in s.objects:  # the board keeps every object inside one quadrant
+            cell = int(o.center[1] // PATCH) * GRID + int(o.center[0] // PATCH)
+            quadrant = scenes.QUADRANTS[t["aux_quadrant"][i, cell] - 1]
+            assert quadrant == scenes.quadrant_of(*o.center, 224)
 
 
 def test_extra_questions_are_deterministic_and_cover_every_type():
@@ -130,6 +137,7 @@ def test_extra_questions_are_deterministic_and_cover_every_type():
     for s, qs in zip(samples, picks):
         valid = {q: a for q, a, _ in scenes.scene_questions(s.objects, 224)}
         assert len(qs) == 4 and all(valid[q] == a for q, a in qs)
+        assert len({q for q, _ in qs} | {s.question}) == 5  # nothing asked twice
         asked.update(t for q, _, t in scenes.scene_questions(s.objects, 224) if (q, valid[q]) in qs)
     assert set(asked) == set(scenes.QUESTION_TYPES)
     answers = Counter(a for qs in picks for _, a in qs)
@@ -157,3 +165,37 @@ def test_encoder_rows_start_with_the_inference_prompt_and_label_every_answer(tmp
         assert np.array_equal(batch["input_ids"][i, batch["pos"][i, w] + 1], batch["labels"][i, w])
         said = tok.decode(batch["labels"][i, w], skip_special_tokens=False).split("</s>")[:-1]
         assert [a.strip() for a in said] == [s.answer] + [a for _, a in extra_questions(s, 2)]
+
+
+def test_attention_targets_point_at_the_evidence(tmp_path):
+    from ep_jax.data import scenes
+    from ep_jax.processing import ImageProcessor, Processor
+    from ep_jax.train import COVERED, GRID, Encoder, Recipe, build_tokenizer, key_words, write_preprocessor
+
+    tok = build_tokenizer(tmp_path, Recipe.vocab_size)
+    write_preprocessor(tmp_path)
+    enc = Encoder(Processor(tok, ImageProcessor.from_dir(tmp_path), image_seq_len=196), extra=3)
+    samples = scenes.generate("train", 10, seed=4)
+    batch = enc.batch(samples)
+    target, on, words = batch["attn_target"], batch["attn_on"], batch["word_target"]
+    assert target.shape == words.shape == (10, batch["pos"].shape[1], enc.seq_len)
+    # One distribution per answer token, none for the EOS that ends each of the 4 turns.
+    assert on.sum() == batch["weight"].sum() - 10 * 4
+    assert np.allclose(target.sum(-1), on) and np.allclose(words.sum(-1), on)
+    image = batch["input_ids"] == tok.convert_tokens_to_ids("<image>")
+    assert np.all(batch["input_ids"][:, 0] == tok.bos_token_id)
+    for i, s in enumerate(samples):
+        rows = np.flatnonzero(image[i])
+        cover = scenes.object_coverage(s.objects, 224, GRID).reshape(len(s.objects), -1)
+        k = 0  # the first turn asks the sample's own question
+        said = tok.decode(batch["input_ids"][i, np.flatnonzero(words[i, k])]).split()
+        assert said == key_words(s.question) and said
+        hits, counting = scenes.referents(s.question, s.objects)
+        seen = np.flatnonzero(target[i, k])
+        assert set(seen) <= set(rows) | {0}
+        if counting:
+            assert len(seen) == len(hits) + 1 and 0 in seen  # one centre patch each, and BOS
+        elif not hits:
+            assert list(seen) == [0]
+        else:
+            assert set(seen) == set(rows[np.flatnonzero(cover[hits[0]] >= COVERED)])

@@ -230,6 +230,23 @@ def scene_questions(objects, image_size: int) -> list[tuple[str, str, str]]:
     return out
 
 
+def referents(question: str, objects) -> tuple[list[int], bool]:
+    """(indices of the objects `question` is about, whether it counts them), read from the
+    question's words: a count is about every object of the named shape (all objects when none
+    is named); any other question about the objects matching its named colour and/or shape
+    (none for an existence question answered "no"). The evidence a model must look at."""
+    words = question.rstrip("?").split()
+    singular = [w[:-1] if w.endswith("s") and w[:-1] in SHAPES else w for w in words]
+    color = next((w for w in words if w in COLORS), None)
+    shape = next((w for w in singular if w in SHAPES), None)
+    counting = question.startswith("How many")
+    if not counting and color is None and shape is None:
+        raise ValueError(f"not a scene question: {question!r}")
+    hits = [k for k, o in enumerate(objects)
+            if (color is None or o.color == color) and (shape is None or o.shape == shape)]
+    return hits, counting
+
+
 def quadrant_of(x: float, y: float, image_size: int) -> str:
     half = image_size / 2
     return QUADRANTS[2 * int(y >= half) + int(x >= half)]
