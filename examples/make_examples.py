@@ -1,6 +1,6 @@
 """Render the shipped example images (test split, seed 0) and examples.json / README table.
 
-    python examples/make_examples.py [--indices 1,5,7,13]
+    python examples/make_examples.py [--indices 0,1,7,3,4]
 
 Images come from `ep_jax.data.scenes` (test-split photos, never seen in training).
 """
@@ -18,7 +18,7 @@ HERE = Path(__file__).resolve().parent
 
 def main(argv=None):
     p = argparse.ArgumentParser()
-    p.add_argument("--indices", default="1,2,3,4")
+    p.add_argument("--indices", default="0,1,7,3,4")
     args = p.parse_args(argv)
     records = []
     for i in (int(x) for x in args.indices.split(",")):
