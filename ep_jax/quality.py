@@ -154,7 +154,7 @@ def run_quality(
         })
     bar.close()
     result = {
-        "model": str(model.path) if model.path is not None else None,
+        "model": _shown(model.path) if model.path is not None else None,
         "split": "test", "n": n, "seed": seed, "template": template,
         "num_visual": num_visual, "num_layers": num_layers, "median_prompt_tokens": seq_len,
         "question_types": list(scenes.QUESTION_TYPES), "methods": list(methods),
@@ -164,6 +164,12 @@ def run_quality(
     if out_dir is not None:
         write_outputs(result, Path(out_dir))
     return result
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when inside it (results get committed)."""
+    path = Path(path).resolve()
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def to_markdown(result: dict) -> str:
