@@ -54,7 +54,6 @@ GRID = IMAGE_SIZE // PATCH
 COVERED = 0.15  # a patch belongs to an object when the object covers this much of it
 AUX_CLASSES = {"color": len(scenes.COLORS) + 1, "shape": len(scenes.SHAPES) + 1, "center": 2,
                "quadrant": len(scenes.QUADRANTS) + 1}
-COUNT_CLASSES = {"same_shape": scenes.MAX_OBJECTS + 1, "objects": scenes.MAX_OBJECTS + 1}  # Recipe.count_heads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +84,6 @@ class Recipe:
     # quadrant of the object covering each patch and whether an object's centre lies in it.
     aux_weight: float = 1.0
     aux_object_weight: float = 5.0  # patches on an object count this much more than background
-    # 1: two more per-patch heads teach the ViT to count: on object patches the number of
-    # objects of that shape, on every patch the number of objects.
-    count_heads: int = 0
     # Further questions about the same image, asked as later chat turns of the training sequence
     # (drawn from `scenes.scene_questions`): the image tokens, most of a sequence's cost, are
     # then paid once for several supervised answers. The first turn is the sample's own balanced
@@ -326,7 +322,7 @@ def patch_targets(samples, covers=None) -> dict[str, np.ndarray]:
     colors, shapes = list(scenes.COLORS), list(scenes.SHAPES)
     half = np.arange(GRID) >= GRID // 2
     quadrant = 1 + 2 * half[:, None] + half[None, :]
-    out = {f"aux_{k}": np.zeros((len(samples), GRID, GRID), np.int32) for k in {**AUX_CLASSES, **COUNT_CLASSES}}
+    out = {f"aux_{k}": np.zeros((len(samples), GRID, GRID), np.int32) for k in AUX_CLASSES}
     for i, s in enumerate(samples):
         if not s.objects:
             continue
@@ -337,9 +333,6 @@ def patch_targets(samples, covers=None) -> dict[str, np.ndarray]:
         out["aux_color"][i] = np.where(on, color_of[best], 0)
         out["aux_shape"][i] = np.where(on, shape_of[best], 0)
         out["aux_quadrant"][i] = np.where(on, quadrant, 0)
-        same = np.array([sum(p.shape == o.shape for p in s.objects) for o in s.objects])
-        out["aux_same_shape"][i] = np.where(on, same[best], 0)
-        out["aux_objects"][i] = len(s.objects)
         for o in s.objects:
             out["aux_center"][i, min(int(o.center[1] // PATCH), GRID - 1), min(int(o.center[0] // PATCH), GRID - 1)] = 1
     return {k: v.reshape(len(samples), -1) for k, v in out.items()}
@@ -400,11 +393,10 @@ def _head0_log_attention(model, layer_index, h, positions, mask, rows):
     return jax.nn.log_softmax(jnp.where(row_mask, logits, -1e30), axis=-1)
 
 
-def init_aux_heads(dim: int, seed: int, count_heads: bool = False) -> dict:
+def init_aux_heads(dim: int, seed: int) -> dict:
     key = jax.random.key(seed + 1)
-    classes = {**AUX_CLASSES, **(COUNT_CLASSES if count_heads else {})}
     return {k: {"w": 0.02 * jax.random.normal(jax.random.fold_in(key, i), (dim, c)), "b": jnp.zeros(c)}
-            for i, (k, c) in enumerate(classes.items())}
+            for i, (k, c) in enumerate(AUX_CLASSES.items())}
 
 
 def sincos_positions(grid: int, dim: int) -> np.ndarray:
@@ -533,7 +525,7 @@ def train(out: Path, r: Recipe, minutes: float | None = None, progress: bool = T
           f"{cfg.image_seq_len} visual tokens", file=sys.stderr)
 
     opt, schedule = make_optimizer(r)
-    params = {"model": params, "aux": init_aux_heads(cfg.text.hidden_size, r.seed, bool(r.count_heads))}
+    params = {"model": params, "aux": init_aux_heads(cfg.text.hidden_size, r.seed)}
     opt_state = opt.init(params)
 
     @jax.jit
