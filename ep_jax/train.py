@@ -89,10 +89,10 @@ class Recipe:
     # then paid once for several supervised answers. The first turn is the sample's own balanced
     # question in exactly the inference format; validation asks that one only.
     extra_questions: int = 4
-    # Attention supervision (training only): at the position that predicts each answer, head 0
-    # of decoder layer `attn_layer` is trained towards the evidence (`scenes.referents`): the
-    # patches of the object asked about; for a count, each counted object's centre patch and
-    # the BOS token (the share left to BOS tells how many); BOS alone when nothing matches.
+    # Attention supervision (training only): at the positions that predict an answer's tokens,
+    # head 0 of decoder layer `attn_layer` is trained towards the evidence (`scenes.referents`):
+    # the patches of the object asked about; for a count, each counted object's centre patch
+    # and the BOS token (the share left to BOS tells how many); BOS alone when nothing matches.
     # The first hop is supervised the same way: head 0 of layer `word_attn_layer` at those
     # positions is trained towards the question's key words (colour, shape, "objects").
     attn_weight: float = 1.0
@@ -216,7 +216,7 @@ class Encoder:
         pos = np.zeros((b, m), np.int32)  # rows whose logits predict the answer tokens
         labels = np.zeros((b, m), np.int32)
         weight = np.zeros((b, m), np.float32)
-        starts = []  # per sample: (answer slot, question) of each turn
+        starts = []  # per sample and turn: (answer slots, question, prompt start, prompt end)
         for i, s in enumerate(samples):
             more = extra_questions(s, extra)
             turns = [(self.prompt(s.question), s.answer)] + [(self.turn(q), a) for q, a in more]
@@ -356,8 +356,9 @@ def normalize(images_u8: jax.Array) -> jax.Array:
 
 
 def training_forward(graphdef, params, batch, attn_layers: tuple[int, ...] = ()):
-    """(answer logits [b, m, v], visual tokens [b, n, d], log attention [b, m, t] of head 0 of
-    each decoder layer in `attn_layers` at the answer positions) in one pass (no KV cache)."""
+    """(answer logits [b, m, v], visual tokens [b, n, d], {layer: log attention [b, m, t] of
+    head 0 at the answer positions} for the decoder layers in `attn_layers`) in one pass (no
+    KV cache)."""
     from flax import nnx
 
     from ep_jax.nn.llava import _causal, prompt_layout
@@ -367,16 +368,15 @@ def training_forward(graphdef, params, batch, attn_layers: tuple[int, ...] = ())
     x = model.embed_inputs(batch["input_ids"], feats)
     valid, positions, rows = prompt_layout(batch["attention_mask"])
     mask = _causal(rows, valid)
-    log_attn, h, done = [], x, 0
-    for layer in sorted(attn_layers):  # run up to each supervised layer, read its head 0
+    log_attn, h, done = {}, x, 0
+    for layer in sorted(set(attn_layers)):  # run up to each supervised layer, read its head 0
         if layer > done:
             h, *_ = model._run_segment(done, layer, h, positions, mask, collect=False)
         done = layer
-        log_attn.append(_head0_log_attention(model, layer, h, positions, mask, batch["pos"]))
+        log_attn[layer] = _head0_log_attention(model, layer, h, positions, mask, batch["pos"])
     h, *_ = model._run_segment(done, model.cfg.text.num_layers, h, positions, mask, collect=False)
     h = jnp.take_along_axis(h, batch["pos"][..., None], axis=1)
-    order = sorted(attn_layers)
-    return model.logits(h), feats, [log_attn[order.index(layer)] for layer in attn_layers]
+    return model.logits(h), feats, log_attn
 
 
 def _head0_log_attention(model, layer_index, h, positions, mask, rows):
@@ -424,7 +424,8 @@ def loss_fn(params, graphdef, batch, r: Recipe):
     attn = jnp.zeros(())
     if r.attn_weight:
         on = batch["attn_on"]
-        for target, logp in zip((batch["attn_target"], batch["word_target"]), log_attn):
+        for target, layer in ((batch["attn_target"], r.attn_layer), (batch["word_target"], r.word_attn_layer)):
+            logp = log_attn[layer]
             attn_ce = -jnp.sum(jnp.where(target > 0, target * logp, 0.0), axis=-1)
             attn = attn + jnp.sum(attn_ce * on) / jnp.maximum(jnp.sum(on), 1.0)
     total = answer + r.attn_weight * attn
