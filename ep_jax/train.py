@@ -218,11 +218,10 @@ class Encoder:
         weight = np.zeros((b, m), np.float32)
         starts = []  # per sample and turn: (answer slots, question, prompt start, prompt end)
         for i, s in enumerate(samples):
-            more = extra_questions(s, extra)
-            turns = [(self.prompt(s.question), s.answer)] + [(self.turn(q), a) for q, a in more]
             starts.append([])
             row, k = [], 0
-            for (prompt, answer), question in zip(turns, [s.question] + [q for q, _ in more]):
+            for j, (question, answer) in enumerate([(s.question, s.answer)] + extra_questions(s, extra)):
+                prompt = self.prompt(question) if j == 0 else self.turn(question)
                 a = self.answer(answer)
                 starts[-1].append((range(k, k + len(a) - 1), question, len(row), len(row) + len(prompt)))
                 row += prompt
@@ -255,7 +254,7 @@ class Encoder:
             image_rows = np.flatnonzero(ids[i] == image_id)
             for slots, question, lo, hi in starts[i]:
                 w = np.zeros(ids.shape[1], np.float32)
-                for word in key_words(question):
+                for word in scenes.key_words(question):
                     w[lo + _find(ids[i, lo:hi], self.word(word))] = 1.0
                 hits, counting = scenes.referents(question, s.objects)
                 t = np.zeros(ids.shape[1], np.float32)
@@ -263,8 +262,7 @@ class Encoder:
                     t[0] = 1.0  # BOS
                 for h in hits:
                     if counting:
-                        cy, cx = (min(int(c // PATCH), GRID - 1) for c in s.objects[h].center[::-1])
-                        t[image_rows[cy * GRID + cx]] = 1.0
+                        t[image_rows[_centre_patch(s.objects[h])]] = 1.0
                     else:
                         t[image_rows[np.flatnonzero(covers[i][h].reshape(-1) >= COVERED)]] = 1.0
                 target[i, slots], words[i, slots], on[i, slots] = t / t.sum(), w / w.sum(), 1.0
@@ -273,12 +271,6 @@ class Encoder:
     def word(self, w: str) -> list[int]:
         """Token ids of `w` inside a question (after a space)."""
         return self.proc.tokenizer(" " + w, add_special_tokens=False)["input_ids"]
-
-
-def key_words(question: str) -> list[str]:
-    """The words that say what a question is about: colours, shapes (or plurals), "objects"."""
-    return [w for w in question.rstrip("?").split()
-            if w in scenes.COLORS or w in scenes.SHAPES or w.removesuffix("s") in scenes.SHAPES or w == "objects"]
 
 
 def _find(row: np.ndarray, word: list[int]) -> np.ndarray:
@@ -320,9 +312,10 @@ def patch_targets(samples, covers=None) -> dict[str, np.ndarray]:
     lies (so counting reduces to counting flagged patches). `covers`: each sample's
     `scenes.object_coverage`, when already computed."""
     colors, shapes = list(scenes.COLORS), list(scenes.SHAPES)
-    half = np.arange(GRID) >= GRID // 2
-    quadrant = 1 + 2 * half[:, None] + half[None, :]
-    out = {f"aux_{k}": np.zeros((len(samples), GRID, GRID), np.int32) for k in AUX_CLASSES}
+    centres = (np.arange(GRID) + 0.5) * PATCH  # each patch's quadrant, from its centre
+    quadrant = np.array([[1 + scenes.QUADRANTS.index(scenes.quadrant_of(x, y, IMAGE_SIZE)) for x in centres]
+                         for y in centres])
+    out = {f"aux_{k}": np.zeros((len(samples), GRID * GRID), np.int32) for k in AUX_CLASSES}
     for i, s in enumerate(samples):
         if not s.objects:
             continue
@@ -330,12 +323,17 @@ def patch_targets(samples, covers=None) -> dict[str, np.ndarray]:
         best, on = cov.argmax(0), cov.max(0) >= COVERED
         color_of = np.array([1 + colors.index(o.color) for o in s.objects])
         shape_of = np.array([1 + shapes.index(o.shape) for o in s.objects])
-        out["aux_color"][i] = np.where(on, color_of[best], 0)
-        out["aux_shape"][i] = np.where(on, shape_of[best], 0)
-        out["aux_quadrant"][i] = np.where(on, quadrant, 0)
-        for o in s.objects:
-            out["aux_center"][i, min(int(o.center[1] // PATCH), GRID - 1), min(int(o.center[0] // PATCH), GRID - 1)] = 1
-    return {k: v.reshape(len(samples), -1) for k, v in out.items()}
+        out["aux_color"][i] = np.where(on, color_of[best], 0).reshape(-1)
+        out["aux_shape"][i] = np.where(on, shape_of[best], 0).reshape(-1)
+        out["aux_quadrant"][i] = np.where(on, quadrant, 0).reshape(-1)
+        out["aux_center"][i, [_centre_patch(o) for o in s.objects]] = 1
+    return out
+
+
+def _centre_patch(obj) -> int:
+    """Row-major index of the patch that holds `obj`'s centre."""
+    col, row = (min(int(c // PATCH), GRID - 1) for c in obj.center)
+    return row * GRID + col
 
 
 def _producer(split: str, seed: int, start: int, batch: int, count: int, encoder: Encoder, out: queue.Queue):

@@ -170,7 +170,7 @@ def test_encoder_rows_start_with_the_inference_prompt_and_label_every_answer(tmp
 def test_attention_targets_point_at_the_evidence(tmp_path):
     from ep_jax.data import scenes
     from ep_jax.processing import ImageProcessor, Processor
-    from ep_jax.train import COVERED, GRID, Encoder, Recipe, build_tokenizer, key_words, write_preprocessor
+    from ep_jax.train import COVERED, GRID, Encoder, Recipe, build_tokenizer, write_preprocessor
 
     tok = build_tokenizer(tmp_path, Recipe.vocab_size)
     write_preprocessor(tmp_path)
@@ -189,7 +189,7 @@ def test_attention_targets_point_at_the_evidence(tmp_path):
         cover = scenes.object_coverage(s.objects, 224, GRID).reshape(len(s.objects), -1)
         k = 0  # the first turn asks the sample's own question
         said = tok.decode(batch["input_ids"][i, np.flatnonzero(words[i, k])]).split()
-        assert said == key_words(s.question) and said
+        assert said == scenes.key_words(s.question) and said
         hits, counting = scenes.referents(s.question, s.objects)
         seen = np.flatnonzero(target[i, k])
         assert set(seen) <= set(rows) | {0}

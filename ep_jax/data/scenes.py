@@ -230,15 +230,21 @@ def scene_questions(objects, image_size: int) -> list[tuple[str, str, str]]:
     return out
 
 
+def key_words(question: str) -> list[str]:
+    """The words of `question` that say what it is about, as written: colours, shapes (or their
+    plurals) and "objects"."""
+    return [w for w in question.rstrip("?").split()
+            if w in COLORS or w.removesuffix("s") in SHAPES or w == "objects"]
+
+
 def referents(question: str, objects) -> tuple[list[int], bool]:
-    """(indices of the objects `question` is about, whether it counts them), read from the
-    question's words: a count is about every object of the named shape (all objects when none
+    """(indices of the objects `question` is about, whether it counts them), read from its
+    `key_words`: a count is about every object of the named shape (all objects when none
     is named); any other question about the objects matching its named colour and/or shape
     (none for an existence question answered "no"). The evidence a model must look at."""
-    words = question.rstrip("?").split()
-    singular = [w[:-1] if w.endswith("s") and w[:-1] in SHAPES else w for w in words]
+    words = key_words(question)
     color = next((w for w in words if w in COLORS), None)
-    shape = next((w for w in singular if w in SHAPES), None)
+    shape = next((w.removesuffix("s") for w in words if w.removesuffix("s") in SHAPES), None)
     counting = question.startswith("How many")
     if not counting and color is None and shape is None:
         raise ValueError(f"not a scene question: {question!r}")
