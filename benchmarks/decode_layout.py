@@ -1,11 +1,13 @@
-"""Decode step time: stacked layer weights (what ep_jax runs) vs one buffer per layer.
+"""Decode and prefill time of the two decoder weight layouts, side by side in one process.
 
-    python benchmarks/decode_layout.py [--config 1b] [--steps 16]
+    python benchmarks/decode_layout.py [--config 1b] [--new-tokens 32] [--runs 3]
 
-Builds the bench config with random weights, prefills one prompt, then times `Llava.decode`
-(median ms per token over `--steps` greedy steps) two ways: as is (a `lax.scan` that indexes
-each layer out of the stacked weights), and with the decoder weights split beforehand into one
-array per layer, the layer loop unrolled over them. Checks that both give the same logits.
+Builds the bench config with random weights in the `stacked` layout (one array per weight with
+a leading layer axis, layers under `lax.scan`) and a `per_layer` copy (`checkpoint.with_layout`:
+one buffer per layer, the layer loop unrolled), then, for each, compiles the prefill of the bench
+prompt and the greedy decode loop `ep_jax.generate` runs, and times them alternately (stacked,
+per_layer, stacked, ...; median of `--runs`). Checks that both produce the same tokens.
+See `checkpoint.LAYOUTS` for what `auto` picks.
 """
 
 from __future__ import annotations
@@ -14,64 +16,62 @@ import argparse
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from ep_jax.bench_setup import build_processor, encode, get_config, random_model
-from ep_jax.nn import llava as llava_mod
+from ep_jax import generate as gen
+from ep_jax.bench_setup import PAD, build_processor, encode, get_config, random_model
+from ep_jax.checkpoint import with_layout
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="1b")
-    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--runs", type=int, default=3)
     args = p.parse_args(argv)
     cfg = get_config(args.config)
-    model = random_model(cfg, "float32")
+    stacked = random_model(cfg, "float32", layout="stacked")
     enc = encode(build_processor(cfg), 1)
-    g, state = model.graphdef, model.state
-    res = jax.jit(lambda st, i, px, m: nnx.merge(g, st).prefill(i, px, m, None, 64))(
-        state, enc["input_ids"], enc["pixel_values"], enc["attention_mask"])
-    tok = jnp.ones((1,), jnp.int32)
+    inputs = (enc["input_ids"], enc["pixel_values"], enc["attention_mask"])
+    room = gen._room(args.new_tokens)
+    statics = dict(top_k=0, eos_ids=(-1,), pad_id=PAD, room=room)  # no EOS: every run decodes --new-tokens
 
-    stacked = jax.jit(lambda st, t, c: nnx.merge(g, st).decode(t, c))
+    runs = {}
+    for model in (stacked, with_layout(stacked, "per_layer")):
+        g, state = model.graphdef, model.state
+        t0 = time.perf_counter()
+        prefill = jax.jit(lambda st, i, px, m, g=g: gen._prefill(g, st, i, px, m, stage=None, decode_room=room,
+                                                                 all_logits=False)).lower(state, *inputs).compile()
+        t1 = time.perf_counter()
+        logits, res = prefill(state, *inputs)
+        key = jax.random.key(0)
+        decode = jax.jit(lambda st, lg, c, k, g=g: gen._decode_all(g, st, lg, c, k, 0.0, 1.0, args.new_tokens,
+                                                                   **statics)).lower(state, logits, res.cache,
+                                                                                     key).compile()
+        t2 = time.perf_counter()
+        runs[model.layout] = dict(prefill=prefill, decode=decode, state=state, compile=(t1 - t0, t2 - t1),
+                                  prefill_s=[], decode_s=[], tokens=None)
 
-    layers_g, layers_state = nnx.split(nnx.merge(g, state).layers)
-    n = cfg.text.num_layers
-    per_layer = [jax.tree.map(lambda a, i=i: jnp.array(a[i]), layers_state) for i in range(n)]  # own buffers
-
-    def split_decode(st, per, t, c):
-        original = llava_mod.scan_layers
-
-        def unrolled(layers, lo, hi, body, carry, xs=None):
-            for j, i in enumerate(range(lo, hi)):
-                carry, _ = body(nnx.merge(layers_g, per[i]), carry, None if xs is None else xs[j])
-            return carry, None
-
-        llava_mod.scan_layers = unrolled
-        try:
-            return nnx.merge(g, st).decode(t, c)
-        finally:
-            llava_mod.scan_layers = original
-
-    split = jax.jit(split_decode)
-
-    def time_it(fn, *a):
-        out = fn(*a)
-        jax.block_until_ready(out)
-        ts = []
-        for _ in range(args.steps):
+    for _ in range(args.runs):
+        for r in runs.values():
             t0 = time.perf_counter()
-            jax.block_until_ready(fn(*a))
-            ts.append(time.perf_counter() - t0)
-        return out, 1e3 * float(np.median(ts))
+            logits, res = jax.block_until_ready(r["prefill"](r["state"], *inputs))
+            t1 = time.perf_counter()
+            tokens, steps = jax.block_until_ready(r["decode"](r["state"], logits, res.cache, jax.random.key(0)))
+            t2 = time.perf_counter()
+            r["prefill_s"].append(t1 - t0)
+            r["decode_s"].append((t2 - t1) / (int(steps) - 1))  # the first token comes from the prefill
+            r["tokens"] = np.asarray(tokens)
 
-    (l1, _), ms1 = time_it(stacked, state, tok, res.cache)
-    (l2, _), ms2 = time_it(split, state, per_layer, tok, res.cache)
-    diff = float(jnp.max(jnp.abs(l1 - l2)))
-    print(f"{args.config}: decode step {ms1:.1f} ms with stacked weights, {ms2:.1f} ms with one buffer per layer "
-          f"(ratio {ms1 / ms2:.2f}); logits max |diff| {diff:.2e}")
+    print(f"{args.config}, float32, {jax.default_backend()}: median of {args.runs}, {args.new_tokens} new tokens")
+    for layout, r in runs.items():
+        print(f"  {layout:9s}: prefill {1e3 * np.median(r['prefill_s']):7.1f} ms, decode "
+              f"{1e3 * np.median(r['decode_s']):6.1f} ms/token | compile: prefill {r['compile'][0]:.1f} s, "
+              f"decode loop {r['compile'][1]:.1f} s")
+    s, p_ = runs["stacked"], runs["per_layer"]
+    print(f"  stacked / per_layer: prefill {np.median(s['prefill_s']) / np.median(p_['prefill_s']):.2f}, "
+          f"decode {np.median(s['decode_s']) / np.median(p_['decode_s']):.2f}; same tokens: "
+          f"{bool((s['tokens'] == p_['tokens']).all())}")
     return 0
 
 

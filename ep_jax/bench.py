@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="parameter dtype (default: float32 on CPU, bfloat16 on GPU/TPU; see benchmarks/README.md)")
     s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--layout", choices=["auto", "stacked", "per_layer"], default="auto",
+                   help="decoder weight layout (checkpoint.LAYOUTS; auto: per_layer on CPU for layers >= 4 MiB)")
     s.add_argument("--budgets", default="none,192,128,64",
                    help="'none' (unpruned) and A values quoted for N=576; scaled by N/576 for other N")
     s.add_argument("--methods", default="entropy,fastv,random,pool", help=f"comma list of {', '.join(METHODS)}")
@@ -78,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="lower + compile time from abstract parameters (nothing allocated)")
     c.add_argument("--config", default="7b")
     c.add_argument("--layers", default=None, help="two (or more) decoder depths, e.g. 8,32 (default: L/4,L)")
+    c.add_argument("--layouts", default="stacked,per_layer",
+                   help="decoder weight layouts to compile (checkpoint.LAYOUTS, comma list; default both)")
     c.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     c.add_argument("--batch", type=int, default=1)
     c.add_argument("--budget", default="64", help="also compile the entropy-pruned prefill at this A ('none': skip)")
@@ -191,17 +195,18 @@ def _speed_run(args, command: str, cfg, budgets, methods, with_unpruned, dtype, 
     from ep_jax import bench_report, bench_setup, bench_speed
 
     t0 = time.perf_counter()
-    model = bench_setup.random_model(cfg, dtype, args.seed)
+    model = bench_setup.random_model(cfg, dtype, args.seed, layout=args.layout)
     jax.block_until_ready(model.state)
     init_s = time.perf_counter() - t0
     processor = bench_setup.build_processor(cfg)
-    _log(f"{args.config}: random {dtype} weights in {init_s:.1f} s")
+    _log(f"{args.config}: random {dtype} weights in {init_s:.1f} s, {model.layout} decoder layout")
     result: dict[str, Any] = {
         "schema": 1,
         "command": command,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": args.config,
         "dtype": dtype,
+        "layout": model.layout,
         "machine": bench_setup.machine_info(),
         "model": bench_setup.describe(cfg),
         "init_s": init_s,
@@ -261,7 +266,11 @@ def _compile_cmd(args, command: str) -> int:
         except ValueError:
             raise ValueError(f"--layers {args.layers!r}: give ints, e.g. 8,32") from None
     budget = None if args.budget == "none" else int(args.budget)
-    rows = bench_compile.run_compile(args.config, layers, args.dtype, args.batch, budget, log=_log)
+    layouts = tuple(x.strip() for x in args.layouts.split(",") if x.strip())
+    bad = [x for x in layouts if x not in ("stacked", "per_layer")]
+    if bad or not layouts:
+        raise ValueError(f"--layouts {args.layouts!r}: give stacked and/or per_layer")
+    rows = bench_compile.run_compile(args.config, layers, args.dtype, args.batch, budget, log=_log, layouts=layouts)
     machine = bench_setup.machine_info()
     text = bench_compile.markdown(rows, machine, command)
     if args.out:

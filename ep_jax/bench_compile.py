@@ -1,7 +1,8 @@
 """`python -m ep_jax.bench compile`: lowering + compile time of the prefill and of one decode
 step, with abstract parameters (`jax.ShapeDtypeStruct`, `checkpoint.abstract_model`): no weight
-is allocated, so the 7B graph compiles on a laptop. Two decoder depths show that compile time
-does not grow with the number of layers (the layers run under `lax.scan`).
+is allocated, so the 7B graph compiles on a laptop. Two decoder depths show how compile time
+grows with the number of layers in each decoder weight layout (`checkpoint.LAYOUTS`): not at all
+when the layers run under `lax.scan` (stacked), linearly when the loop is unrolled (per_layer).
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ def _timed(fn: Callable, args: tuple) -> tuple[float, float, Any]:
 
 
 def compile_times(config: str, num_layers: int, dtype: str, batch: int, stage_budget: int | None,
-                  max_new: int = 64) -> dict[str, Any]:
+                  max_new: int = 64, layout: str = "stacked") -> dict[str, Any]:
     """Lower and compile `_prefill` and `_decode_one` for abstract inputs of the bench prompt shape.
 
     The pruned prefill keeps the R that `stage_budget` gives at the config's own depth, at every
     depth (a shallower model could not meet the same A)."""
     cfg = get_config(config, num_layers)
     jdtype = DTYPES[dtype]
-    graphdef, state = abstract_model(cfg, jdtype)
+    graphdef, state = abstract_model(cfg, jdtype, layout)
     n = cfg.image_seq_len
     seq = n + TEXT_TOKENS
     v = cfg.vision
@@ -71,6 +72,7 @@ def compile_times(config: str, num_layers: int, dtype: str, batch: int, stage_bu
     return {
         "config": config,
         "num_layers": num_layers,
+        "layout": layout,
         "dtype": dtype,
         "batch": batch,
         "seq_len": seq,
@@ -86,13 +88,13 @@ def compile_times(config: str, num_layers: int, dtype: str, batch: int, stage_bu
 
 
 def run_compile(config: str, layer_counts: list[int], dtype: str, batch: int, budget: int | None,
-                log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+                log: Callable[[str], None] = print, layouts: tuple[str, ...] = ("stacked",)) -> list[dict[str, Any]]:
     out = []
-    for num_layers in layer_counts:
+    for layout, num_layers in ((a, n) for a in layouts for n in layer_counts):
         for b in (None, budget) if budget is not None else (None,):
-            r = compile_times(config, num_layers, dtype, batch, b)
+            r = compile_times(config, num_layers, dtype, batch, b, layout=layout)
             out.append(r)
-            log(f"{config} L={num_layers:3d} {'unpruned' if b is None else f'entropy A={b}':>14s}: prefill lower "
+            log(f"{config} {layout} L={num_layers:3d} {'unpruned' if b is None else f'entropy A={b}':>14s}: prefill lower "
                 f"{r['prefill_lower_s']:.2f} s + compile {r['prefill_compile_s']:.2f} s; decode step lower "
                 f"{r['decode_step_lower_s']:.2f} s + compile {r['decode_step_compile_s']:.2f} s")
     return out
@@ -104,13 +106,13 @@ def markdown(rows: list[dict[str, Any]], machine: dict[str, Any], command: str) 
         "",
         f"Command: `{command}`; jax {machine['jax']}, jaxlib {machine['jaxlib']}.",
         "",
-        "| config | layers | prune | seq | prefill lower s | prefill compile s | decode step lower s | "
+        "| config | layout | layers | prune | seq | prefill lower s | prefill compile s | decode step lower s | "
         "decode step compile s | params (abstract) GiB |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         prune = "none" if r["prune"] is None else f"entropy K={r['prune']['layer']} R={r['prune']['keep']}"
-        lines.append(f"| {r['config']} | {r['num_layers']} | {prune} | {r['seq_len']} | {r['prefill_lower_s']:.2f} | "
+        lines.append(f"| {r['config']} | {r.get('layout', 'stacked')} | {r['num_layers']} | {prune} | {r['seq_len']} | {r['prefill_lower_s']:.2f} | "
                      f"{r['prefill_compile_s']:.2f} | {r['decode_step_lower_s']:.2f} | "
                      f"{r['decode_step_compile_s']:.2f} "
                      f"| {r['abstract_param_bytes'] / 2**30:.2f} |")

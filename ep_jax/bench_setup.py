@@ -227,7 +227,7 @@ def default_dtype() -> str:
 
 
 # ------------------------------------------------------------------------------- model
-def random_model(cfg: LlavaConfig, dtype: str, seed: int = 0):
+def random_model(cfg: LlavaConfig, dtype: str, seed: int = 0, layout: str = "auto"):
     """A `checkpoint.Model` with random weights, initialised like `init_model` (normal(0, 0.02),
     norm scales 1, biases 0) but leaf by leaf (numpy on CPU, where `jax.random` is ~10x slower;
     on the device elsewhere), so a 7B model never needs two copies in memory."""
@@ -235,11 +235,10 @@ def random_model(cfg: LlavaConfig, dtype: str, seed: int = 0):
     import jax.numpy as jnp
     from flax import nnx
 
-    from ep_jax.checkpoint import DTYPES, Model, abstract_model
+    from ep_jax.checkpoint import DTYPES, abstract_model, from_params
 
     jdtype = DTYPES[dtype]
-    graphdef, state = abstract_model(cfg, jdtype)
-    abstract = nnx.to_pure_dict(state)
+    abstract = nnx.to_pure_dict(abstract_model(cfg, jdtype)[1])
     rng = np.random.default_rng(seed)
     on_cpu = jax.default_backend() == "cpu"
     key = jax.random.key(seed)
@@ -257,5 +256,4 @@ def random_model(cfg: LlavaConfig, dtype: str, seed: int = 0):
         return (0.02 * jax.random.normal(sub, leaf.shape, jnp.float32)).astype(jdtype)
 
     params = jax.tree_util.tree_map_with_path(fill, abstract)
-    nnx.replace_by_pure_dict(state, params)
-    return Model(cfg, graphdef, state)
+    return from_params(cfg, params, jdtype, layout=layout)

@@ -167,7 +167,7 @@ class _Prefill:
     def result(self) -> dict[str, Any]:
         cache = self.out[1].cache
         room = self.room
-        kv_prompt = sum((s.keys.nbytes + s.values.nbytes) * (s.capacity - room) // s.capacity for s in cache.segments)
+        kv_prompt = sum(s.nbytes() * (s.capacity - room) // s.capacity for s in cache.segments)
         return {
             "compile_s": self.compile_s,
             "prefill_ms": ms(self.prefill_s),

@@ -14,22 +14,47 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 
+# A segment's keys or values: one [l, b, c, k, h] array (stacked layer weights) or a tuple of
+# l [b, c, k, h] arrays (per-layer weights, `Llava(layout="per_layer")`), so that each layer's
+# decode step updates and reads its own buffer in place.
+Entries = Float[Array, "l b c k h"] | tuple[Float[Array, "b c k h"], ...]
+
+
+def write_entry(entries: Entries, layer, new: Float[Array, "b 1 k h"], index) -> Entries:
+    """`entries` with layer `layer`'s (a traced int for stacked, a Python int per layer)
+    entry `index` set to `new`."""
+    if isinstance(entries, tuple):
+        updated = jax.lax.dynamic_update_slice(entries[layer], new.astype(entries[layer].dtype), (0, index, 0, 0))
+        return entries[:layer] + (updated,) + entries[layer + 1:]
+    return jax.lax.dynamic_update_slice(entries, new[None].astype(entries.dtype), (layer, 0, index, 0, 0))
+
+
+def _entries_map(fn, entries: Entries) -> Entries:
+    return tuple(fn(e, 1) for e in entries) if isinstance(entries, tuple) else fn(entries, 2)
+
+
 @dataclasses.dataclass(frozen=True)
 class SegmentCache:
-    keys: Float[Array, "l b c k h"]  # RoPE applied
-    values: Float[Array, "l b c k h"]
+    keys: Entries  # RoPE applied
+    values: Entries
     mask: Bool[Array, "b c"]  # which entries hold a real token (padding/pruned/unwritten: False)
     index: Int[Array, ""]  # the next entry to write
 
     @classmethod
     def from_prefill(cls, keys, values, valid: Bool[Array, "b s"], extra: int) -> "SegmentCache":
         """A cache of `s + extra` entries from prefill keys/values [l, b, s or s + extra, k, h]
-        (`Llava._run_segment(room=extra)` already leaves the `extra` decode entries, so nothing
-        is copied; shorter ones are padded here)."""
+        (or tuples of per-layer ones; `Llava._run_segment(room=extra)` already leaves the `extra`
+        decode entries, so nothing is copied; shorter ones are padded here)."""
         capacity = valid.shape[1] + extra
-        if keys.shape[2] != capacity:
-            pad = [(0, 0), (0, 0), (0, capacity - keys.shape[2]), (0, 0), (0, 0)]
-            keys, values = jnp.pad(keys, pad), jnp.pad(values, pad)
+
+        def fill(a, axis):
+            if a.shape[axis] == capacity:
+                return a
+            pad = [(0, 0)] * a.ndim
+            pad[axis] = (0, capacity - a.shape[axis])
+            return jnp.pad(a, pad)
+
+        keys, values = _entries_map(fill, keys), _entries_map(fill, values)
         return cls(
             keys=keys,
             values=values,
@@ -39,10 +64,10 @@ class SegmentCache:
 
     @property
     def capacity(self) -> int:
-        return self.keys.shape[2]
+        return self.keys[0].shape[1] if isinstance(self.keys, tuple) else self.keys.shape[2]
 
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
+        return sum(a.nbytes for a in jax.tree.leaves((self.keys, self.values)))
 
 
 @dataclasses.dataclass(frozen=True)

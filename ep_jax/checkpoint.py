@@ -33,6 +33,19 @@ _SIDE_FILES = (
     "chat_template.jinja", "generation_config.json",
 )
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# How the decoder weights sit in memory (checkpoints always store them stacked):
+#   stacked    one array per weight, leading layer axis; the layers run under `lax.scan`, so
+#              compile time does not depend on depth. XLA:CPU copies each layer's slice before
+#              its matmuls read it (`benchmarks/decode_hlo.py`): decode, which reads every weight
+#              once per token, pays that copy on every step.
+#   per_layer  one buffer per layer and weight; the layer loop is unrolled in the graph, every
+#              matmul reads its weights in place; compile time grows with depth.
+#   auto       per_layer on CPU when one decoder layer holds at least PER_LAYER_MIN_BYTES of
+#              weights (there the copies dominate decode: 1b bench config, 49 MiB a layer, decodes
+#              ~2x faster per_layer; the 0.8 MiB layers of the shipped model ~10% slower), else
+#              stacked (GPU/TPU read the scan's slices in place).
+LAYOUTS = ("auto", "stacked", "per_layer")
+PER_LAYER_MIN_BYTES = 4 << 20
 
 
 @dataclasses.dataclass
@@ -66,9 +79,47 @@ class Model:
             self._processor = Processor.from_dir(self.path, image_seq_len=self.config.image_seq_len)
         return self._processor
 
+    @property
+    def layout(self) -> str:
+        return "per_layer" if 0 in self.state["layers"] else "stacked"  # nnx.List: keys 0..l-1
+
     def params(self) -> dict:
-        """Parameters as a nested dict of arrays."""
-        return nnx.to_pure_dict(self.state)
+        """Parameters as a nested dict of arrays, decoder weights stacked (the checkpoint layout)."""
+        params = nnx.to_pure_dict(self.state)
+        if self.layout == "per_layer":
+            per = params["layers"]
+            params["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *(per[i] for i in range(len(per))))
+        return params
+
+
+def decoder_layer_bytes(cfg: LlavaConfig, dtype) -> int:
+    """Bytes of one decoder layer's matrices (attention q, k, v, o and the three MLP ones)."""
+    t = cfg.text
+    attention = t.hidden_size * t.head_dim * (2 * t.num_heads + 2 * t.num_kv_heads)
+    return (attention + 3 * t.hidden_size * t.intermediate_size) * jnp.dtype(dtype).itemsize
+
+
+def resolve_layout(layout: str, cfg: LlavaConfig, dtype) -> str:
+    """"auto" -> the layout that suits this backend and model (see LAYOUTS); others checked."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    if layout == "auto":
+        big = decoder_layer_bytes(cfg, dtype) >= PER_LAYER_MIN_BYTES
+        return "per_layer" if big and jax.default_backend() == "cpu" else "stacked"
+    return layout
+
+
+def _unstack(stacked: dict, num_layers: int) -> dict:
+    """Stacked decoder weights {name: [l, ...]} -> {i: {name: [...]}}, leaf by leaf: each stacked
+    array is dropped from `stacked` once split, so memory holds one extra weight at a time."""
+    per: dict = {i: {} for i in range(num_layers)}
+    for keys in list(_leaf_paths(stacked)):
+        whole = hf._get(stacked, keys)
+        hf._set(stacked, keys, None)
+        for i in range(num_layers):
+            hf._set(per[i], keys, jnp.array(whole[i]))
+        del whole
+    return per
 
 
 def _dtype(name: str | None, default):
@@ -80,22 +131,36 @@ def _dtype(name: str | None, default):
         raise ValueError(f"dtype {name!r} is not supported; choose one of {sorted(DTYPES)}") from None
 
 
-def abstract_model(cfg: LlavaConfig, dtype) -> tuple[Any, Any]:
+def abstract_model(cfg: LlavaConfig, dtype, layout: str = "stacked") -> tuple[Any, Any]:
     """(graphdef, abstract state) without allocating any parameter."""
-    abstract = nnx.eval_shape(lambda: Llava(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Llava(cfg, dtype=dtype, rngs=nnx.Rngs(0), layout=layout))
     return nnx.split(abstract)
 
 
 def init_model(cfg: LlavaConfig, dtype=jnp.float32, seed: int = 0) -> Model:
-    """A randomly initialised model (benchmarks, training)."""
+    """A randomly initialised model (benchmarks, training), stacked layout."""
     graphdef, state = nnx.split(Llava(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))
     return Model(cfg, graphdef, state)
 
 
-def _from_params(cfg: LlavaConfig, params: dict, dtype, path: Path | None) -> Model:
-    graphdef, state = abstract_model(cfg, dtype)
+def from_params(cfg: LlavaConfig, params: dict, dtype, path: Path | None = None, layout: str = "auto") -> Model:
+    """A Model from checkpoint-layout parameters (decoder weights stacked); `params` is consumed
+    when the layout is per_layer."""
+    layout = resolve_layout(layout, cfg, dtype)
+    if layout == "per_layer":
+        params = {**params, "layers": _unstack(params["layers"], cfg.text.num_layers)}
+    graphdef, state = abstract_model(cfg, dtype, layout)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     return Model(cfg, graphdef, state, path=path)
+
+
+def with_layout(model: Model, layout: str) -> Model:
+    """The same weights in another layout (a new Model; the stacked arrays are split or joined)."""
+    layout = resolve_layout(layout, model.config, model.dtype)
+    if layout == model.layout:
+        return model
+    moved = from_params(model.config, model.params(), model.dtype, model.path, layout)
+    return dataclasses.replace(model, graphdef=moved.graphdef, state=moved.state, compiled={})
 
 
 def _shapes(state) -> dict:
@@ -132,8 +197,9 @@ def read_hf(src: str | Path, dtype: str | None = None, progress: bool = False) -
     return cfg, params
 
 
-def load(path: str | Path, dtype: str | None = None) -> Model:
-    """Load an ep_jax checkpoint, or a Hugging Face LLaVA directory (converted in memory)."""
+def load(path: str | Path, dtype: str | None = None, layout: str = "auto") -> Model:
+    """Load an ep_jax checkpoint, or a Hugging Face LLaVA directory (converted in memory).
+    `layout`: how the decoder weights sit in memory (`LAYOUTS`; the default suits the backend)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model path {path} does not exist")
@@ -148,10 +214,10 @@ def load(path: str | Path, dtype: str | None = None) -> Model:
         params = _restore(path / "params", nnx.to_pure_dict(abstract))
         if target != saved:
             params = jax.tree.map(lambda a: a.astype(target), params)
-        return _from_params(cfg, params, target, path)
+        return from_params(cfg, params, target, path, layout)
     if is_hf_dir(path):
         cfg, params = read_hf(path, dtype)
-        return _from_params(cfg, params, _dtype(dtype, jnp.float32), path)
+        return from_params(cfg, params, _dtype(dtype, jnp.float32), path, layout)
     raise hf.CheckpointError(
         f"{path} is neither an ep_jax checkpoint (ep_config.json + params/) nor a Hugging Face "
         "LLaVA directory (config.json + *.safetensors)"

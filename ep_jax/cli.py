@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: as saved)")
+    p.add_argument("--layout", choices=["auto", "stacked", "per_layer"], default="auto",
+                   help="decoder weights in memory: stacked (lax.scan, fast compile) or per_layer (unrolled, "
+                        "faster CPU decode for large layers); auto picks per backend and size")
     p.add_argument("--template", default=None, help="chat template (default: the model's, vicuna_v1)")
     p.add_argument("--raw-prompt", action="store_true", help="use the prompt as is (it must contain <image>)")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (batch of one)")
@@ -107,7 +110,7 @@ def _run(args) -> int:
     if model_path is None:
         model_path = presets.default_model_path()
         print(f"using the shipped model {model_path} (pass --model for another)", file=sys.stderr)
-    model = load(model_path, dtype=args.dtype)
+    model = load(model_path, dtype=args.dtype, layout=args.layout)
     model.preset = presets.for_model(model_path, model.config)
     prune = _prune_config(args, model.preset)
     template = "raw" if args.raw_prompt else args.template or getattr(model.preset, "template", None) or "vicuna_v1"

@@ -22,7 +22,7 @@ ROW_FIELDS = {
 }
 DECODE_FIELDS = {"decode_compile_s", "new_tokens", "decode_ms_per_step", "decode_tokens_per_s", "decode_s_runs"}
 TOP_FIELDS = {
-    "schema", "command", "timestamp", "config", "dtype", "machine", "model", "init_s", "methods_note", "prompt",
+    "schema", "command", "timestamp", "config", "dtype", "layout", "machine", "model", "init_s", "methods_note", "prompt",
     "layer", "runs", "warmup", "max_new_tokens", "decode_measured_for", "decode_room", "vision_ms", "vision_ms_runs",
     "vision_compile_s", "rows", "scoring", "profile", "explain", "vs_hf", "mfu", "other_cpu_load", "quiet_cpu",
     "targets", "total_s",
@@ -152,11 +152,12 @@ def test_budgets_scale_with_visual_tokens():
 
 
 def test_compile_subcommand_two_depths(tmp_path, capsys):
-    assert bench.main(["compile", "--config", "tiny", "--layers", "4,20", "--dtype", "float32", "--budget", "none",
+    assert bench.main(["compile", "--config", "tiny", "--layers", "2,6", "--dtype", "float32", "--budget", "none",
                        "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "compile.json").read_text())
     rows = res["rows"]
-    assert [(r["num_layers"], r["prune"]) for r in rows] == [(4, None), (20, None)]
+    assert [(r["layout"], r["num_layers"], r["prune"]) for r in rows] == [
+        ("stacked", 2, None), ("stacked", 6, None), ("per_layer", 2, None), ("per_layer", 6, None)]
     for r in rows:
         for k in ("prefill_lower_s", "prefill_compile_s", "decode_step_lower_s", "decode_step_compile_s"):
             assert r[k] > 0
@@ -165,7 +166,11 @@ def test_compile_subcommand_two_depths(tmp_path, capsys):
     pruned = bench_compile.compile_times("tiny", 20, "float32", 1, 64)
     assert pruned["prune"]["keep"] == bench_setup.resolve_budgets([64], bench_setup.get_config("tiny"), 2)[0].keep
     assert pruned["prefill_compile_s"] > 0 and pruned["decode_step_compile_s"] > 0
-    assert "| tiny | 20 |" in (tmp_path / "compile.md").read_text()
+    text = (tmp_path / "compile.md").read_text()
+    assert "| tiny | stacked | 6 |" in text and "| tiny | per_layer | 6 |" in text
+    capsys.readouterr()
+    assert bench.main(["compile", "--config", "tiny", "--layouts", "unrolled"]) != 0
+    assert "--layouts 'unrolled'" in "".join(capsys.readouterr())
 
 
 def test_quality_forwards_to_quality_main(monkeypatch):

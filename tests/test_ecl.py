@@ -17,6 +17,7 @@ from PIL import Image
 
 import ep_jax
 from ep_jax import ecl, presets
+from ep_jax.checkpoint import with_layout
 from ep_jax.entropy import set_entropy, token_entropy
 from ep_jax.generate import compile_stats
 
@@ -126,7 +127,7 @@ def _slow_profile(model, input_ids, pixel_values, attention_mask, levels):
     """Hidden states collected one layer at a time (each layer merged from its slice of the
     stacked state and called as a DecoderLayer), one example at a time without its padding.
     Each step is jitted only to keep the loop fast; nothing is shared with `ecl`."""
-    module = model.module
+    module = with_layout(model, "stacked").module
     cfg = model.config
     graphdef, state = nnx.split(module.layers)
 

@@ -43,12 +43,27 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) ->
     return create(rngs)
 
 
-def scan_layers(layers: nnx.Module, lo: int, hi: int, body, carry, xs=None):
-    """Run `body(layer, carry, x) -> (carry, y)` over the stacked layers `lo..hi-1`.
+def scan_layers(layers: nnx.Module, lo: int, hi: int, body, carry, xs=None, *, stack: bool = True):
+    """Run `body(layer, carry, x) -> (carry, y)` over the layers `lo..hi-1`.
 
-    Each step indexes its layer out of the full stack: slicing `[lo:hi]` first would copy
-    that part of the weights on every call (every decode step, for the pruned segment).
+    Two weight layouts (`layout` of `Llava`):
+    - stacked (one module, every parameter with a leading layer axis): a `lax.scan`, so compile
+      time does not grow with depth. Each step indexes its layer out of the full stack: slicing
+      `[lo:hi]` first would copy that part of the weights on every call. On XLA:CPU the indexed
+      slice is still copied before each matmul reads it (`benchmarks/decode_hlo.py`).
+    - per layer (`nnx.List` of modules, one buffer per weight): a Python loop, unrolled in the
+      graph; each matmul reads its weights in place, compile time grows with depth.
+    `xs` is sliced along its leading axis (pass NumPy for Python-int steps in the loop). The
+    `y`s come back stacked on a leading axis, or with `stack=False` in the per-layer layout as
+    tuples of per-layer arrays (kept separate so each layer's KV cache is its own buffer).
     """
+    if isinstance(layers, nnx.List):
+        ys = []
+        for j, i in enumerate(range(lo, hi)):
+            carry, y = body(layers[i], carry, None if xs is None else jax.tree.map(lambda a: a[j], xs))
+            ys.append(y)
+        return carry, jax.tree.map(lambda *a: jnp.stack(a) if stack else a, *ys)
+
     graphdef, state = nnx.split(layers)
 
     def step(carry, inputs):

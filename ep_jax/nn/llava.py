@@ -16,11 +16,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from ep_jax import prune as prune_lib
-from ep_jax.cache import KVCache, SegmentCache
+from ep_jax.cache import KVCache, SegmentCache, write_entry
 from ep_jax.config import LlavaConfig
 from ep_jax.nn.clip import VisionTower
 from ep_jax.nn.layers import RMSNorm, activation, dense, param, scan_layers, stacked
@@ -55,7 +56,10 @@ class PruneStage:
 
 
 class Llava(nnx.Module):
-    def __init__(self, cfg: LlavaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: LlavaConfig, *, dtype=jnp.float32, rngs: nnx.Rngs, layout: str = "stacked"):
+        """`layout` of the decoder weights: "stacked" (one array per weight with a leading layer
+        axis, the layers run under `lax.scan`) or "per_layer" (`nnx.List` of layers, a loop
+        unrolled in the graph); see `layers.scan_layers` and `checkpoint.LAYOUTS`."""
         self.cfg = cfg
         t = cfg.text
         self.vision = VisionTower(cfg.vision, dtype=dtype, rngs=rngs)
@@ -63,7 +67,12 @@ class Llava(nnx.Module):
         self.proj1, self.proj1_bias = param(rngs, (dv, d), dtype), param(None, (d,), dtype)
         self.proj2, self.proj2_bias = param(rngs, (d, d), dtype), param(None, (d,), dtype)
         self.embed = param(rngs, (t.vocab_size, d), dtype)
-        self.layers = stacked(lambda r: DecoderLayer(t, dtype=dtype, rngs=r), t.num_layers, rngs)
+        if layout == "stacked":
+            self.layers = stacked(lambda r: DecoderLayer(t, dtype=dtype, rngs=r), t.num_layers, rngs)
+        elif layout == "per_layer":
+            self.layers = nnx.List([DecoderLayer(t, dtype=dtype, rngs=rngs) for _ in range(t.num_layers)])
+        else:
+            raise ValueError(f"layout {layout!r}: choose 'stacked' or 'per_layer'")
         self.norm = RMSNorm(d, t.rms_norm_eps, dtype)
         if not t.tie_word_embeddings:
             self.lm_head = param(rngs, (d, t.vocab_size), dtype)
@@ -106,8 +115,9 @@ class Llava(nnx.Module):
     def _run_segment(self, lo, hi, x, positions, mask, *, collect: bool, room: int = 0):
         """Layers lo..hi-1 on the full (or kept) sequence; returns (x, keys, values, last proj).
 
-        keys/values [l, b, s + room, k, h]: each layer writes its entries straight into a cache
-        with `room` empty slots for decode (padding the stacked cache afterwards copies it all).
+        keys/values [l, b, s + room, k, h] (a tuple of l [b, s + room, k, h] in the per-layer
+        layout): each layer writes its entries straight into a cache with `room` empty slots for
+        decode (padding the stacked cache afterwards copies it all).
         """
         pad = ((0, 0), (0, room), (0, 0), (0, 0))
 
@@ -117,8 +127,8 @@ class Llava(nnx.Module):
                 k, v = jnp.pad(k, pad), jnp.pad(v, pad)
             return h, (k, v, proj if collect else None)
 
-        x, (keys, values, projs) = scan_layers(self.layers, lo, hi, body, x)
-        last = jax.tree.map(lambda a: a[-1], projs) if collect else None
+        x, (keys, values, projs) = scan_layers(self.layers, lo, hi, body, x, stack=False)
+        last = jax.tree.map(lambda a: a[-1], projs, is_leaf=lambda a: isinstance(a, tuple)) if collect else None
         return x, keys, values, last
 
     def prefill(
@@ -227,13 +237,12 @@ class Llava(nnx.Module):
             def body(layer, carry, i, idx=idx, key_mask=key_mask):
                 h, keys, values = carry
                 q, k, v, _ = layer.qkv(h, positions)
-                keys = jax.lax.dynamic_update_slice(keys, k[None].astype(keys.dtype), (i, 0, idx, 0, 0))
-                values = jax.lax.dynamic_update_slice(values, v[None].astype(values.dtype), (i, 0, idx, 0, 0))
+                keys, values = write_entry(keys, i, k, idx), write_entry(values, i, v, idx)
                 h = layer.finish(h, q, keys[i], values[i], key_mask[:, None, :])
                 return (h, keys, values), None
 
             (x, keys, values), _ = scan_layers(
-                self.layers, lo, hi, body, (x, seg.keys, seg.values), jnp.arange(hi - lo)
+                self.layers, lo, hi, body, (x, seg.keys, seg.values), np.arange(hi - lo)
             )
             new_segments.append(SegmentCache(keys, values, key_mask, idx + 1))
         logits = self.logits(x[:, 0])
