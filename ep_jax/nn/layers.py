@@ -89,13 +89,23 @@ def attend(
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32)
+    if t > 1:
+        # A prompt: heads-major operands, so both matmuls are plain batched matmuls. XLA:CPU runs
+        # them ~1.35x faster than from the token-major layout (1b shape, 635 tokens: 29 vs 39 ms
+        # a layer); a single decode query is faster as is.
+        q, k, v = jnp.transpose(q, (0, 2, 3, 1, 4)), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
+        scores, combine = "bkgth,bksh->bkgts", "bkgts,bksh->bkgth"
+    else:
+        scores, combine = "btkgh,bskh->bkgts", "bkgts,bskh->btkgh"
+    logits = jnp.einsum(scores, q, k, preferred_element_type=jnp.float32)
     logits = logits * (h**-0.5)
     if mask is not None:
         logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
-    return out.astype(q.dtype).reshape(b, t, n, h)
+    out = jnp.einsum(combine, probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
+    if t > 1:
+        out = jnp.transpose(out, (0, 3, 1, 2, 4))
+    return out.reshape(b, t, n, h)
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
