@@ -5,7 +5,10 @@
 Compiles `Llava.decode` for the bench config from abstract parameters (nothing allocated) and
 lists the fusions in the layer loop's body that materialise a slice of a stacked weight
 (`dynamic-slice` outputs of at least 64 Ki elements), i.e. a copy of that layer's matrix
-made on every layer of every decode step before the matmul reads it.
+made on every layer of every decode step before the matmul reads it. This is the `stacked`
+decoder layout (`checkpoint.LAYOUTS`); the `per_layer` layout, which `auto` picks on CPU for
+layers of this size, has no layer loop and reads every weight in place
+(`benchmarks/decode_layout.py` times both).
 """
 
 from __future__ import annotations
