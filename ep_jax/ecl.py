@@ -172,7 +172,7 @@ def _profile_fn(graphdef, state, input_ids, pixel_values, attention_mask, *, num
     def body(layer, h, _):
         entropy_in = set_entropy(at_visual(h))
         q, k, v, proj = layer.qkv(h, positions)
-        out = layer.finish(h, q, k, v, mask)
+        out = layer.finish(h, q, k, v, mask, causal=True)
         if source == "hidden":
             states, heads = at_visual(model.norm(out)), cfg.text.num_heads
         else:

@@ -108,6 +108,28 @@ def attend(
     return out.reshape(b, t, n, h)
 
 
+def attend_causal(
+    q: Float[Array, "b t n h"],
+    k: Float[Array, "b t k h"],
+    v: Float[Array, "b t k h"],
+    mask: Bool[Array, "b t t"],
+    block: int = 160,
+) -> Float[Array, "b t n h"]:
+    """`attend` for a prompt whose mask is causal in array order (query i never sees a key
+    after position i: the decoder's prefill, where rows hold increasing sequence indices, also
+    after pruning). Queries go in blocks of `block`, each against the keys up to its last row,
+    so the fully masked upper blocks are never computed (~40 % of the work at 635 tokens;
+    `benchmarks/attention.py`). Static shapes: the blocks are unrolled."""
+    t = q.shape[1]
+    if t <= block:
+        return attend(q, k, v, mask)
+    outs = []
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        outs.append(attend(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end]))
+    return jnp.concatenate(outs, axis=1)
+
+
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),

@@ -17,7 +17,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from ep_jax.config import TextConfig
-from ep_jax.nn.layers import RMSNorm, activation, attend, dense, param
+from ep_jax.nn.layers import RMSNorm, activation, attend, attend_causal, dense, param
 
 
 def rope(x: Float[Array, "b t n h"], positions: Int[Array, "b t"], cfg: TextConfig) -> Float[Array, "b t n h"]:
@@ -124,9 +124,12 @@ class DecoderLayer(nnx.Module):
         keys: Float[Array, "b s k h"],
         values: Float[Array, "b s k h"],
         mask: Bool[Array, "b t s"],
+        causal: bool = False,
     ) -> Float[Array, "b t d"]:
-        """Attention over the given keys (fresh ones in prefill, the cache in decode) + MLP."""
-        x = x + self.attn.output(attend(q, keys, values, mask))
+        """Attention over the given keys (fresh ones in prefill, the cache in decode) + MLP.
+        `causal`: the keys are the queries' own tokens and `mask` is causal in array order."""
+        attention = attend_causal if causal else attend
+        x = x + self.attn.output(attention(q, keys, values, mask))
         return x + self.mlp(self.post_norm(x))
 
     def __call__(
@@ -134,4 +137,4 @@ class DecoderLayer(nnx.Module):
     ) -> tuple[Float[Array, "b t d"], tuple[Array, Array], Projections]:
         """Prefill: the tokens attend to each other. Returns (output, (keys, values), projections)."""
         q, k, v, proj = self.qkv(x, positions)
-        return self.finish(x, q, k, v, mask), (k, v), proj
+        return self.finish(x, q, k, v, mask, causal=True), (k, v), proj
