@@ -41,9 +41,10 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 #   per_layer  one buffer per layer and weight; the layer loop is unrolled in the graph, every
 #              matmul reads its weights in place; compile time grows with depth.
 #   auto       per_layer on CPU when one decoder layer holds at least PER_LAYER_MIN_BYTES of
-#              weights (there the copies dominate decode: 1b bench config, 49 MiB a layer, decodes
-#              ~2x faster per_layer; the 0.8 MiB layers of the shipped model ~10% slower), else
-#              stacked (GPU/TPU read the scan's slices in place).
+#              weights (there the copies dominate decode: the 1b bench config, 49 MiB a layer,
+#              decodes ~2x faster per_layer, `benchmarks/decode_layout.py`; small layers such as
+#              the shipped model's 0.8 MiB ones gain nothing and only compile slower), else
+#              stacked (GPU/TPU: the copy is an XLA:CPU behaviour; not measured on a GPU).
 LAYOUTS = ("auto", "stacked", "per_layer")
 PER_LAYER_MIN_BYTES = 4 << 20
 

@@ -90,9 +90,9 @@ def attend(
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
     if t > 1:
-        # A prompt: heads-major operands, so both matmuls are plain batched matmuls. XLA:CPU runs
-        # them ~1.35x faster than from the token-major layout (1b shape, 635 tokens: 29 vs 39 ms
-        # a layer); a single decode query is faster as is.
+        # A prompt: heads-major operands, so both matmuls are plain batched matmuls, which
+        # XLA:CPU runs faster than from the token-major layout (`benchmarks/attention.py`); a
+        # single decode query is faster as is.
         q, k, v = jnp.transpose(q, (0, 2, 3, 1, 4)), jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
         scores, combine = "bkgth,bksh->bkgts", "bkgts,bksh->bkgth"
     else:
@@ -118,8 +118,8 @@ def attend_causal(
     """`attend` for a prompt whose mask is causal in array order (query i never sees a key
     after position i: the decoder's prefill, where rows hold increasing sequence indices, also
     after pruning). Queries go in blocks of `block`, each against the keys up to its last row,
-    so the fully masked upper blocks are never computed (~40 % of the work at 635 tokens;
-    `benchmarks/attention.py`). Static shapes: the blocks are unrolled."""
+    so the fully masked upper blocks are never computed (40 % of the score matrix at 635
+    tokens; timed by `benchmarks/attention.py`). Static shapes: the blocks are unrolled."""
     t = q.shape[1]
     if t <= block:
         return attend(q, k, v, mask)
