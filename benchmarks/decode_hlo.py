@@ -2,7 +2,7 @@
 
     python benchmarks/decode_hlo.py [--config 1b] [--dump FILE]
 
-Compiles `Llava.decode` for the bench config from abstract parameters (nothing allocated) and
+Compiles the runtime's decode step (`runtime.prefill.decode`) for the bench config from abstract parameters (nothing allocated) and
 lists the fusions in the layer loop's body that materialise a slice of a stacked weight
 (`dynamic-slice` outputs of at least 64 Ki elements), i.e. a copy of that layer's matrix
 made on every layer of every decode step before the matmul reads it. This is the `stacked`
@@ -21,7 +21,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ep_jax.bench_setup import get_config
-from ep_jax.checkpoint import abstract_model
+from ep_jax.families.llava import FAMILY
+from ep_jax.runtime.model import abstract_model
+from ep_jax.runtime.prefill import decode as decode_step
+from ep_jax.runtime.prefill import prefill as run_prefill
 
 _SHAPE = re.compile(r"= f32\[([\d,]+)\]\{[\d,]*\} (?:dynamic-slice|fusion)\(")
 
@@ -33,14 +36,15 @@ def main(argv=None) -> int:
     p.add_argument("--dump", default=None, help="write the optimised HLO here")
     args = p.parse_args(argv)
     cfg = get_config(args.config)
-    graphdef, state = abstract_model(cfg, jnp.float32)
+    graphdef, state = abstract_model(FAMILY, cfg, jnp.float32)
     s, v = args.prompt_len, cfg.vision.image_size
 
     def prefill(state, ids, pix, mask):
-        return nnx.merge(graphdef, state).prefill(ids, pix, mask, None, 64).cache
+        inputs = {"input_ids": ids, "pixel_values": pix, "attention_mask": mask}
+        return run_prefill(nnx.merge(graphdef, state), inputs, None, None, decode_room=64).cache
 
     def decode(state, tokens, cache):
-        return nnx.merge(graphdef, state).decode(tokens, cache)
+        return decode_step(nnx.merge(graphdef, state), tokens, cache)
 
     sds = jax.ShapeDtypeStruct
     cache = jax.eval_shape(prefill, state, sds((1, s), jnp.int32), sds((1, 3, v, v), jnp.float32),

@@ -18,9 +18,9 @@ import time
 import jax
 import numpy as np
 
-from ep_jax import generate as gen
+from ep_jax.runtime import api
 from ep_jax.bench_setup import PAD, build_processor, encode, get_config, random_model
-from ep_jax.checkpoint import with_layout
+from ep_jax.runtime.model import with_layout
 
 
 def main(argv=None) -> int:
@@ -32,20 +32,21 @@ def main(argv=None) -> int:
     cfg = get_config(args.config)
     stacked = random_model(cfg, "float32", layout="stacked")
     enc = encode(build_processor(cfg), 1)
-    inputs = (enc["input_ids"], enc["pixel_values"], enc["attention_mask"])
-    room = gen._room(args.new_tokens)
-    statics = dict(top_k=0, eos_ids=(-1,), pad_id=PAD, room=room)  # no EOS: every run decodes --new-tokens
+    arrays, spans = stacked.family.inputs(cfg, enc["input_ids"], enc["pixel_values"], enc["attention_mask"])
+    inputs = (arrays, spans, None)
+    room = api.room_for(args.new_tokens)
+    statics = dict(top_k=0, greedy=True, eos_ids=(-1,), pad_id=PAD, room=room)  # no EOS: every run decodes --new-tokens
 
     runs = {}
     for model in (stacked, with_layout(stacked, "per_layer")):
         g, state = model.graphdef, model.state
         t0 = time.perf_counter()
-        prefill = jax.jit(lambda st, i, px, m, g=g: gen._prefill(g, st, i, px, m, stage=None, decode_room=room,
-                                                                 all_logits=False)).lower(state, *inputs).compile()
+        prefill = jax.jit(lambda st, a, sp, ex, g=g: api.prefill_logits(g, st, a, sp, ex, stage=None, decode_room=room,
+                                                                        all_logits=False)).lower(state, *inputs).compile()
         t1 = time.perf_counter()
         logits, res = prefill(state, *inputs)
         key = jax.random.key(0)
-        decode = jax.jit(lambda st, lg, c, k, g=g: gen._decode_all(g, st, lg, c, k, 0.0, 1.0, args.new_tokens,
+        decode = jax.jit(lambda st, lg, c, k, g=g: api.decode_all(g, st, lg, c, k, 0.0, 1.0, args.new_tokens,
                                                                    **statics)).lower(state, logits, res.cache,
                                                                                      key).compile()
         t2 = time.perf_counter()
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             logits, res = jax.block_until_ready(r["prefill"](r["state"], *inputs))
             t1 = time.perf_counter()
-            tokens, steps = jax.block_until_ready(r["decode"](r["state"], logits, res.cache, jax.random.key(0)))
+            tokens, steps, _ = jax.block_until_ready(r["decode"](r["state"], logits, res.cache, jax.random.key(0)))
             t2 = time.perf_counter()
             r["prefill_s"].append(t1 - t0)
             r["decode_s"].append((t2 - t1) / (int(steps) - 1))  # the first token comes from the prefill

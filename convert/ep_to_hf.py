@@ -1,8 +1,10 @@
 """Export an ep_jax checkpoint to a Hugging Face LLaVA directory (hub layout).
 
-    python convert/ep_to_hf.py SRC DST
+    python convert/ep_to_hf.py SRC DST [--overwrite]
 
-transformers loads the result with LlavaForConditionalGeneration.from_pretrained(DST).
+transformers loads the result with LlavaForConditionalGeneration.from_pretrained(DST). DST is
+written through a temporary folder beside it and renamed into place when complete: an existing
+DST is refused unless --overwrite, and Ctrl-C or an error leaves it as it was.
 """
 
 import argparse
@@ -13,15 +15,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("src", help="ep_jax checkpoint directory")
     p.add_argument("dst", help="output Hugging Face directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing DST (the old one is removed only once the new one is complete)")
     args = p.parse_args(argv)
 
-    from ep_jax.checkpoint import export_hf
-    from ep_jax.config import ConfigError
-    from ep_jax.hf import CheckpointError
-
     try:
-        out = export_hf(args.src, args.dst)
-    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+        from ep_jax.checkpoint import export_hf
+        from ep_jax.errors import EpJaxError
+
+        out = export_hf(args.src, args.dst, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.dst} was left as it was", file=sys.stderr)
+        return 130
+    except (EpJaxError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -1,10 +1,12 @@
 """Convert a local Hugging Face LLaVA directory to an ep_jax checkpoint.
 
-    python convert/hf_to_ep.py SRC DST [--dtype float32|bfloat16]
+    python convert/hf_to_ep.py SRC DST [--dtype float32|bfloat16] [--overwrite]
 
 SRC holds config.json, *.safetensors (sharded with an index, or single), the tokenizer and the
 processor files. Tensors are streamed shard by shard into the converted (stacked) layout, so
-the peak memory is about the converted model plus one tensor (see README).
+the peak memory is about the converted model plus one tensor (see README). DST is written
+through a temporary folder beside it and renamed into place when complete: an existing DST is
+refused unless --overwrite, and Ctrl-C or an error leaves it as it was.
 """
 
 import argparse
@@ -25,16 +27,20 @@ def main(argv=None) -> int:
     p.add_argument("src", help="Hugging Face LLaVA directory")
     p.add_argument("dst", help="output ep_jax checkpoint directory")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing DST (the old one is removed only once the new one is complete)")
     args = p.parse_args(argv)
 
-    from ep_jax.checkpoint import convert_hf
-    from ep_jax.config import ConfigError
-    from ep_jax.hf import CheckpointError
-
-    t0 = time.perf_counter()
     try:
-        out = convert_hf(args.src, args.dst, dtype=args.dtype)
-    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+        from ep_jax.checkpoint import convert_hf
+        from ep_jax.errors import EpJaxError
+
+        t0 = time.perf_counter()
+        out = convert_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.dst} was left as it was", file=sys.stderr)
+        return 130
+    except (EpJaxError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     peak_mib = _peak_rss_mib()

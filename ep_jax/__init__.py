@@ -1,30 +1,43 @@
-"""ep_jax: LLaVA-style vision-language models in JAX/Flax with EntropyPrune.
+"""ep_jax: vision-language models in JAX/Flax with EntropyPrune.
 
-    model = ep_jax.load("path/to/checkpoint")            # ep_jax or Hugging Face directory
-    ep_jax.generate(model, [image], ["What is this?"], prune=ep_jax.PruneConfig(avg_keep=64))
-    out = ep_jax.forward(model, input_ids, pixel_values, prune=...)
+    model = ep_jax.load()                                 # the shipped model; or a path: an ep_jax
+                                                          # checkpoint or a Hugging Face directory
+    ep_jax.generate(model, [image], ["What is this?"])    # the preset's template and pruning
+    out = ep_jax.forward(model, input_ids, pixel_values, prune=ep_jax.PruneConfig(avg_keep=64))
 
-Where pruning happens: `ep_jax/nn/llava.py` (`Llava.prune_stage`, called by `prefill`), with the
-scoring and selection in `ep_jax/prune.py` and the matrix entropy in `ep_jax/entropy.py`.
-Names are imported lazily so `import ep_jax` (and `python -m ep_jax.generate`) stay light.
+Where pruning happens: `ep_jax/runtime/prefill.py` (`prune_stage`, called by `prefill` between
+the two layer segments), with the scorers in `ep_jax/core/scorers.py`, the selection in
+`ep_jax/core/select.py` and the matrix entropy in `ep_jax/core/entropy.py`.
+
+Layout (imports point one way, top to bottom):
+  core/       pure functions: entropy, budgets, visual spans, scorers, selection, FLOPs
+  nn/         family-agnostic layers (attention, RoPE, norms, MLPs, layer stacks)
+  runtime/    prefill + prune stage + decode, sampling, KV cache, compile cache, public API
+  families/   one package per Hugging Face model_type (config, module, weights, processor)
+  checkpoint.py, hf.py, presets.py, processing.py, images.py: host-side I/O
+  analysis/   Entropy Collapse Layer profile, --explain
+  cli/        thin command-line entry points; bench*.py, quality.py, train.py, data/: recipes
+Names are imported lazily so `import ep_jax` stays light.
 """
 
 import importlib
 
 _EXPORTS = {
-    "Model": "checkpoint", "load": "checkpoint", "init_model": "checkpoint",
-    "convert_hf": "checkpoint", "export_hf": "checkpoint",
+    "Model": "runtime.model", "load": "checkpoint", "convert_hf": "checkpoint", "export_hf": "checkpoint",
     "LlavaConfig": "config", "TextConfig": "config", "VisionConfig": "config",
-    "token_entropy": "entropy", "set_entropy": "entropy",
-    "forward": "generate", "generate": "generate", "run_generation": "generate", "ForwardOutput": "generate",
-    "PruneConfig": "prune", "budget": "prune", "resolve_keep": "prune",
+    "token_entropy": "core.entropy", "set_entropy": "core.entropy",
+    "forward": "runtime.api", "generate": "runtime.api", "run_generation": "runtime.api",
+    "ForwardOutput": "runtime.api", "Generation": "runtime.api", "default_prune": "runtime.api",
+    "compile_stats": "runtime.engine",
+    "PruneConfig": "core.budget", "budget": "core.budget", "resolve_keep": "core.budget",
+    "VisualSpans": "core.spans",
+    "EpJaxError": "errors", "InputError": "errors", "BudgetError": "errors", "CheckpointError": "errors",
+    "ConfigError": "errors", "OutputPathError": "errors", "NumericalError": "errors", "ProcessingError": "errors",
 }
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-    if name == "generate":  # the module, callable as the function (see ep_jax/generate.py)
-        return importlib.import_module("ep_jax.generate")
     if name in _EXPORTS:
         value = getattr(importlib.import_module(f"ep_jax.{_EXPORTS[name]}"), name)
         globals()[name] = value

@@ -25,6 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ep_jax.cli import run_cli
+from ep_jax.errors import InputError
+from ep_jax.files import atomic_path, check_output_dir, write_text
+
 METHODS = ("entropy", "fastv", "random", "pool")
 DEFAULT_MIN_LAYERS = 3  # K = 2 needs L >= 3
 
@@ -35,9 +39,9 @@ def _hf_reference():
 
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "hf_reference.py"
     if not path.exists():
-        raise ValueError(f"--vs-hf needs {path} (run from a clone of the ep_jax repository)")
+        raise InputError(f"--vs-hf needs {path} (run from a clone of the ep_jax repository)")
     if importlib.util.find_spec("torch") is None:
-        raise ValueError("--vs-hf needs PyTorch: pip install -r requirements-test.txt")
+        raise InputError("--vs-hf needs PyTorch: pip install -r requirements-test.txt")
     spec = importlib.util.spec_from_file_location("ep_jax_hf_reference", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -99,15 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         from ep_jax import quality  # written separately; imported only when asked for
 
         return quality.main(argv[1:])
-    args = build_parser().parse_args(argv)
     command = "python -m ep_jax.bench " + " ".join(shlex.quote(a) for a in argv)
-    try:
-        if args.command == "speed":
-            return _speed(args, command)
-        return _compile_cmd(args, command)
-    except ValueError as e:  # bad config / budget / method: one line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(build_parser(), lambda args: (_speed if args.command == "speed" else _compile_cmd)(args, command),
+                   argv)
 
 
 def _other_load(seconds: float = 1.0) -> list[str]:
@@ -170,20 +168,21 @@ class _LoadMonitor:
 def _speed(args, command: str) -> int:
     import jax
 
+    check_output_dir(args.out, "--out")
     from ep_jax import bench_setup
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        raise ValueError(f"--methods {args.methods!r}: choose from {', '.join(METHODS)}")
+        raise InputError(f"--methods {args.methods!r}: choose from {', '.join(METHODS)}")
     if args.runs < 1 or args.warmup < 0 or args.batch < 1 or args.max_new_tokens < 2:
-        raise ValueError("need --runs >= 1, --warmup >= 0, --batch >= 1, --max-new-tokens >= 2")
+        raise InputError("need --runs >= 1, --warmup >= 0, --batch >= 1, --max-new-tokens >= 2")
     with_unpruned, values = bench_setup.parse_budgets(args.budgets)
     cfg = bench_setup.get_config(args.config)
     budgets = bench_setup.resolve_budgets(values, cfg, args.layer)
     dtype = args.dtype or bench_setup.default_dtype()
     if args.vs_hf and jax.default_backend() != "cpu":
-        raise ValueError("--vs-hf runs transformers on the CPU, side by side with ep_jax on the same cores: "
+        raise InputError("--vs-hf runs transformers on the CPU, side by side with ep_jax on the same cores: "
                          "use it on a CPU backend (JAX_PLATFORMS=cpu)")
     with _LoadMonitor() as monitor:  # other CPU-heavy processes contaminate CPU timings: record them
         return _speed_run(args, command, cfg, budgets, methods, with_unpruned, dtype, monitor)
@@ -233,7 +232,7 @@ def _speed_run(args, command: str, cfg, budgets, methods, with_unpruned, dtype, 
         bench_hf = _hf_reference()
         base = next((r for r in result["rows"] if r["method"] == "none"), None)
         if base is None:
-            raise ValueError("--vs-hf compares unpruned runs: include 'none' in --budgets")
+            raise InputError("--vs-hf compares unpruned runs: include 'none' in --budgets")
         result["vs_hf"] = bench_hf.measure_hf(
             model, inputs, dtype=dtype, runs=args.runs, warmup=args.warmup, max_new=args.max_new_tokens,
             jax_prefill=jax_calls["prefill"], jax_decode=jax_calls["decode"], jax_logits=logits, log=_log)
@@ -246,9 +245,10 @@ def _speed_run(args, command: str, cfg, budgets, methods, with_unpruned, dtype, 
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"{args.name}.md").write_text(bench_report.markdown(result))
-    bench_report.plot(result, cfg, out / f"{args.name}.png")
+    write_text(out / f"{args.name}.json", json.dumps(result, indent=1) + "\n")
+    write_text(out / f"{args.name}.md", bench_report.markdown(result))
+    with atomic_path(out / f"{args.name}.png") as tmp:
+        bench_report.plot(result, cfg, tmp)
     _log(f"wrote {out / args.name}.{{json,md,png}} in {result['total_s']:.0f} s")
     print(bench_report.markdown(result))
     return 0
@@ -257,6 +257,8 @@ def _speed_run(args, command: str, cfg, budgets, methods, with_unpruned, dtype, 
 def _compile_cmd(args, command: str) -> int:
     from ep_jax import bench_compile, bench_setup
 
+    if args.out:
+        check_output_dir(args.out, "--out")
     cfg = bench_setup.get_config(args.config)
     if args.layers is None:
         layers = [max(DEFAULT_MIN_LAYERS, cfg.text.num_layers // 4), cfg.text.num_layers]
@@ -264,12 +266,12 @@ def _compile_cmd(args, command: str) -> int:
         try:
             layers = [int(x) for x in args.layers.split(",") if x.strip()]
         except ValueError:
-            raise ValueError(f"--layers {args.layers!r}: give ints, e.g. 8,32") from None
+            raise InputError(f"--layers {args.layers!r}: give ints, e.g. 8,32") from None
     budget = None if args.budget == "none" else int(args.budget)
     layouts = tuple(x.strip() for x in args.layouts.split(",") if x.strip())
     bad = [x for x in layouts if x not in ("stacked", "per_layer")]
     if bad or not layouts:
-        raise ValueError(f"--layouts {args.layouts!r}: give stacked and/or per_layer")
+        raise InputError(f"--layouts {args.layouts!r}: give stacked and/or per_layer")
     rows = bench_compile.run_compile(args.config, layers, args.dtype, args.batch, budget, log=_log, layouts=layouts)
     machine = bench_setup.machine_info()
     text = bench_compile.markdown(rows, machine, command)
@@ -277,8 +279,8 @@ def _compile_cmd(args, command: str) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         payload = {"command": command, "machine": machine, "rows": rows}
-        (out / f"{args.name}.json").write_text(json.dumps(payload, indent=1) + "\n")
-        (out / f"{args.name}.md").write_text(text)
+        write_text(out / f"{args.name}.json", json.dumps(payload, indent=1) + "\n")
+        write_text(out / f"{args.name}.md", text)
     print(text)
     return 0
 

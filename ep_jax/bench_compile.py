@@ -15,11 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ep_jax import generate as gen
-from ep_jax import prune as prune_lib
-from ep_jax.bench_setup import DEFAULT_LAYER, PAD, get_config, resolve_budgets
-from ep_jax.checkpoint import DTYPES, abstract_model
-from ep_jax.nn.llava import PruneStage
+from ep_jax.bench_setup import DEFAULT_LAYER, PAD, LLAVA, get_config, resolve_budgets
+from ep_jax.core.budget import PruneConfig
+from ep_jax.core.spans import VisualSpans
+from ep_jax.runtime import api
+from ep_jax.runtime.model import DTYPES, abstract_model
+from ep_jax.runtime.prefill import PruneStage
 
 TEXT_TOKENS = 60  # the benchmark prompt's text length, about
 
@@ -38,36 +39,40 @@ def _timed(fn: Callable, args: tuple) -> tuple[float, float, Any]:
 
 def compile_times(config: str, num_layers: int, dtype: str, batch: int, stage_budget: int | None,
                   max_new: int = 64, layout: str = "stacked") -> dict[str, Any]:
-    """Lower and compile `_prefill` and `_decode_one` for abstract inputs of the bench prompt shape.
+    """Lower and compile `prefill_logits` and `decode_step` for abstract inputs of the bench prompt shape.
 
     The pruned prefill keeps the R that `stage_budget` gives at the config's own depth, at every
     depth (a shallower model could not meet the same A)."""
     cfg = get_config(config, num_layers)
     jdtype = DTYPES[dtype]
-    graphdef, state = abstract_model(cfg, jdtype, layout)
+    graphdef, state = abstract_model(LLAVA, cfg, jdtype, layout)
     n = cfg.image_seq_len
     seq = n + TEXT_TOKENS
     v = cfg.vision
     ids = _sds((batch, seq), jnp.int32)
     pix = _sds((batch, v.num_channels, v.image_size, v.image_size), jdtype)
     mask = _sds((batch, seq), jnp.bool_)
-    room = gen._room(max_new)
-    stage = None
+    room = api.room_for(max_new)
+    stage = extra = None
     if stage_budget is not None:
         keep = resolve_budgets([stage_budget], get_config(config), DEFAULT_LAYER)[0].keep
-        stage = PruneStage(prune_lib.PruneConfig(method="entropy", layer=DEFAULT_LAYER, keep=keep), DEFAULT_LAYER,
-                           keep, n)
+        stage = PruneStage(PruneConfig(method="entropy", layer=DEFAULT_LAYER, keep=keep), DEFAULT_LAYER,
+                           keep, n, seq - n + keep)
+        extra = {"keep": _sds((batch,), jnp.int32), "pool": None}
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pix}
+    spans = VisualSpans(_sds((batch, n), jnp.int32), _sds((batch, n), jnp.bool_), _sds((batch, n), jnp.int32),
+                        _sds((batch, n, 3), jnp.int32), _sds((batch, n, 3), jnp.int32))
 
-    prefill = functools.partial(gen._prefill, graphdef, stage=stage, decode_room=room, all_logits=False)
-    lower_p, compile_p, _ = _timed(prefill, (state, ids, pix, mask))
+    prefill = functools.partial(api.prefill_logits, graphdef, stage=stage, decode_room=room, all_logits=False)
+    lower_p, compile_p, _ = _timed(prefill, (state, inputs, spans, extra))
 
-    logits, res = jax.eval_shape(prefill, state, ids, pix, mask)
-    statics = dict(top_k=0, eos_ids=(2,), pad_id=PAD)
+    logits, res = jax.eval_shape(prefill, state, inputs, spans, extra)
+    statics = dict(top_k=0, greedy=True, eos_ids=(2,), pad_id=PAD)
     key = jax.eval_shape(lambda: jax.random.key(0))
     scalar = _sds((), jnp.float32)
-    first = functools.partial(gen._first_only, graphdef, room=room, **statics)
+    first = functools.partial(api.first_token, graphdef, room=room, **statics)
     decode_state = jax.eval_shape(first, logits, res.cache, key, scalar, scalar)
-    step = functools.partial(gen._decode_one, graphdef, **statics)
+    step = functools.partial(api.decode_step, graphdef, **statics)
     lower_d, compile_d, _ = _timed(step, (state, decode_state, scalar, scalar))
     return {
         "config": config,

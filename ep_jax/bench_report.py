@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ep_jax import flops
+from ep_jax.core import flops
 from ep_jax.config import LlavaConfig
 
 # Dense bf16/fp16 tensor-core peak FLOP/s by device kind (vendor data sheets, no sparsity).
@@ -170,7 +170,7 @@ def markdown(result: dict[str, Any]) -> str:
         "## Pruned prefill vs unpruned, measured in the same run",
         "",
         "*speedup* = unpruned prefill ms / pruned prefill ms (measured); *FLOPs speedup* = analytic "
-        "(`ep_jax/flops.py`, ALGORITHM.md §6, decoder only); *realised* = measured time reduction / analytic FLOPs "
+        "(`ep_jax/core/flops.py`, docs/ALGORITHM.md §6, decoder only); *realised* = measured time reduction / analytic FLOPs "
         "reduction. The measured prefill includes the vision tower, which pruning cannot shorten and the "
         "reference formula does not count: *FLOPs red. +vision* adds its FLOPs (`flops.vision_flops`) to both "
         "sides, and *realised +vision* is measured against that.",
@@ -309,5 +309,5 @@ def plot(result: dict[str, Any], cfg: LlavaConfig, path: Path) -> None:
     else:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from ep_jax.config import LlavaConfig, TextConfig, VisionConfig
+from ep_jax.families.llava import FAMILY as LLAVA
+from ep_jax.errors import InputError
 
 # Special tokens of the benchmark tokenizer; the configs below use the same ids.
 UNK, BOS, EOS, PAD, IMAGE = 0, 1, 2, 3, 4
@@ -73,7 +75,7 @@ def get_config(name: str, num_layers: int | None = None) -> LlavaConfig:
     try:
         cfg = CONFIGS[name]
     except KeyError:
-        raise ValueError(f"unknown bench config {name!r}; choose one of {sorted(CONFIGS)}") from None
+        raise InputError(f"unknown bench config {name!r}; choose one of {sorted(CONFIGS)}") from None
     if num_layers is not None:
         cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_layers=num_layers))
     return cfg
@@ -84,9 +86,9 @@ def param_count(cfg: LlavaConfig) -> int:
     import jax
     import jax.numpy as jnp
 
-    from ep_jax.checkpoint import abstract_model
+    from ep_jax.runtime.model import abstract_model
 
-    _, state = abstract_model(cfg, jnp.float32)
+    _, state = abstract_model(LLAVA, cfg, jnp.float32)
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))
 
 
@@ -114,7 +116,7 @@ class Budget:
 
 
 def resolve_budgets(values: list[int], cfg: LlavaConfig, layer: int) -> list[Budget]:
-    from ep_jax.prune import budget, effective_avg
+    from ep_jax.core.budget import budget, effective_avg
 
     n, num_layers = cfg.image_seq_len, cfg.text.num_layers
     out = []
@@ -135,7 +137,7 @@ def parse_budgets(text: str) -> tuple[bool, list[int]]:
         try:
             values.append(int(s))
         except ValueError:
-            raise ValueError(f"--budgets item {s!r}: give 'none' or an int A (e.g. none,192,128,64)") from None
+            raise InputError(f"--budgets item {s!r}: give 'none' or an int A (e.g. none,192,128,64)") from None
     return "none" in items, values
 
 
@@ -183,7 +185,7 @@ def encode(processor, batch: int, padding: str = "exact") -> dict[str, np.ndarra
     from ep_jax.processing import DEFAULT_BUCKETS
 
     if padding not in ("exact", "bucket"):
-        raise ValueError(f"padding={padding!r}: use 'exact' or 'bucket'")
+        raise InputError(f"padding={padding!r}: use 'exact' or 'bucket'")
     image = photo()
     buckets = DEFAULT_BUCKETS if padding == "bucket" else None
     return processor.encode([PROMPT] * batch, [image] * batch, template=PROMPT_TEMPLATE, bucket_sizes=buckets)
@@ -235,10 +237,10 @@ def random_model(cfg: LlavaConfig, dtype: str, seed: int = 0, layout: str = "aut
     import jax.numpy as jnp
     from flax import nnx
 
-    from ep_jax.checkpoint import DTYPES, abstract_model, from_params
+    from ep_jax.runtime.model import DTYPES, abstract_model, from_params
 
     jdtype = DTYPES[dtype]
-    abstract = nnx.to_pure_dict(abstract_model(cfg, jdtype)[1])
+    abstract = nnx.to_pure_dict(abstract_model(LLAVA, cfg, jdtype)[1])
     rng = np.random.default_rng(seed)
     on_cpu = jax.default_backend() == "cpu"
     key = jax.random.key(seed)
@@ -256,4 +258,4 @@ def random_model(cfg: LlavaConfig, dtype: str, seed: int = 0, layout: str = "aut
         return (0.02 * jax.random.normal(sub, leaf.shape, jnp.float32)).astype(jdtype)
 
     params = jax.tree_util.tree_map_with_path(fill, abstract)
-    return from_params(cfg, params, jdtype, layout=layout)
+    return from_params(LLAVA, cfg, params, jdtype, layout=layout)

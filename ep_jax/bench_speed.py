@@ -23,12 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ep_jax import flops
-from ep_jax import generate as gen
-from ep_jax import prune as prune_lib
 from ep_jax.bench_setup import DEFAULT_LAYER, Budget, encode
-from ep_jax.cache import SegmentCache
-from ep_jax.nn.llava import PruneStage, _causal, prompt_layout
+from ep_jax.core import flops
+from ep_jax.core.budget import PruneConfig
+from ep_jax.core.scorers import pool_spans_scores
+from ep_jax.core.select import gather_rows, take_tokens
+from ep_jax.runtime import api
+from ep_jax.runtime.cache import SegmentCache
+from ep_jax.runtime.engine import compile_stats, compiled
+from ep_jax.runtime.prefill import PruneStage, causal_mask, prune_stage, run_segment, score_visual, sequence_rows
 
 PAD_ID = 3
 NEVER = (-1,)  # no token id is -1: decode always produces max_new tokens (random weights hit EOS)
@@ -96,20 +99,31 @@ class Inputs:
     attention_mask: np.ndarray
     num_visual: int
     padding: str = "exact"
+    arrays: dict | None = None  # the family's checked inputs
+    spans: Any = None  # their visual spans
 
     @property
     def seq_len(self) -> int:
         return int(self.attention_mask.sum(1).max())
 
-    def args(self, model) -> tuple:
-        return (model.state, self.input_ids, self.pixel_values, self.attention_mask)
+    def extra(self, stage: PruneStage | None) -> dict | None:
+        """The per-example prune inputs of a stage: every example keeps `stage.keep`."""
+        if stage is None:
+            return None
+        keep = np.full(len(self.input_ids), stage.keep, np.int32)
+        return {"keep": keep, "pool": pool_spans_scores(self.spans, keep) if stage.config.method == "pool" else None}
+
+    def args(self, model, stage: PruneStage | None) -> tuple:
+        return (model.state, self.arrays, self.spans, self.extra(stage))
 
 
 def prepare(model, processor, batch: int, padding: str = "exact") -> Inputs:
     """Host preprocessing (image + prompt -> checked arrays), as `run_generation` does it."""
     enc = encode(processor, batch, padding)
-    ids, pix, mask, num_visual = gen._check_inputs(model, enc["input_ids"], enc["pixel_values"], enc["attention_mask"])
-    return Inputs(ids, pix, mask, num_visual, padding)
+    arrays, spans = model.family.inputs(model.config, enc["input_ids"], enc["pixel_values"], enc["attention_mask"],
+                                        dtype=np.dtype(model.dtype))
+    return Inputs(arrays["input_ids"], arrays["pixel_values"], arrays["attention_mask"], int(spans.counts().max()),
+                  padding, arrays, spans)
 
 
 def analytic(cfg, seq: int, num_visual: int, layer: int | None, keep: int | None, *, bytes_per_elem: int,
@@ -131,8 +145,9 @@ def analytic(cfg, seq: int, num_visual: int, layer: int | None, keep: int | None
     }
 
 
-def make_stage(model, method: str, layer: int, keep: int, num_visual: int) -> PruneStage:
-    return gen.resolve_stage(model, prune_lib.PruneConfig(method=method, layer=layer, keep=keep), num_visual)
+def make_stage(model, inputs: Inputs, method: str, layer: int, keep: int) -> PruneStage:
+    stage, _ = api.resolve_stage(model, PruneConfig(method=method, layer=layer, keep=keep), inputs.arrays, inputs.spans)
+    return stage
 
 
 # ------------------------------------------------------------------------------- prefill / decode
@@ -142,10 +157,11 @@ class _Prefill:
 
     def __init__(self, model, processor, inputs: Inputs, stage: PruneStage | None, *, room: int, batch: int):
         self.model, self.processor, self.inputs, self.room, self.batch = model, processor, inputs, room, batch
-        before = gen.compile_stats(model)["compile_s"]
-        self.compiled = gen._compiled(model, gen._prefill, dict(stage=stage, decode_room=room, all_logits=False),
-                                      inputs.args(model))
-        self.compile_s = gen.compile_stats(model)["compile_s"] - before
+        self.stage = stage
+        before = compile_stats(model)["compile_s"]
+        self.compiled = compiled(model, api.prefill_logits, dict(stage=stage, decode_room=room, all_logits=False),
+                                 inputs.args(model, stage))
+        self.compile_s = compile_stats(model)["compile_s"] - before
         self.first_token = jax.jit(lambda logits: jnp.argmax(logits, -1))
         self.prefill_s: list[float] = []
         self.ttft_s: list[float] = []
@@ -155,7 +171,7 @@ class _Prefill:
         t0 = time.perf_counter()
         fresh = prepare(self.model, self.processor, self.batch, self.inputs.padding)  # what a request pays
         t1 = time.perf_counter()
-        self.out = self.compiled(*fresh.args(self.model))
+        self.out = self.compiled(*fresh.args(self.model, self.stage))
         self.out[0].block_until_ready()
         t2 = time.perf_counter()
         np.asarray(self.first_token(self.out[0]))
@@ -201,9 +217,10 @@ def measure_prefills(model, processor, inputs: Inputs, stages: list[PruneStage |
 
 def _unpruned_callables(model, bench: _Prefill, logits, cache, *, room: int, max_new: int) -> dict[str, Callable]:
     """Blocking calls of the unpruned prefill and decode, for timing beside another framework."""
-    args = bench.inputs.args(model)
+    args = bench.inputs.args(model, None)
     dargs = (model.state, logits, cache, jax.random.key(0), np.float32(0.0), np.float32(1.0), np.int32(max_new))
-    decode = gen._compiled(model, gen._decode_all, dict(room=room, top_k=0, eos_ids=NEVER, pad_id=PAD_ID), dargs)
+    decode = compiled(model, api.decode_all, dict(room=room, top_k=0, greedy=True, eos_ids=NEVER, pad_id=PAD_ID),
+                      dargs)
     return {
         "prefill": lambda: bench.compiled(*args)[0].block_until_ready(),
         "decode": lambda: decode(*dargs)[0].block_until_ready(),
@@ -215,13 +232,14 @@ def measure_decode(model, logits, cache, *, room: int, max_new: int, batch: int,
     """Greedy decode of `max_new` tokens (the first comes from the prefill logits), one compiled
     while loop, never stopping early."""
     dargs = (model.state, logits, cache, jax.random.key(0), np.float32(0.0), np.float32(1.0), np.int32(max_new))
-    before = gen.compile_stats(model)["compile_s"]
-    decode = gen._compiled(model, gen._decode_all, dict(room=room, top_k=0, eos_ids=NEVER, pad_id=PAD_ID), dargs)
-    compile_s = gen.compile_stats(model)["compile_s"] - before
+    before = compile_stats(model)["compile_s"]
+    decode = compiled(model, api.decode_all, dict(room=room, top_k=0, greedy=True, eos_ids=NEVER, pad_id=PAD_ID),
+                      dargs)
+    compile_s = compile_stats(model)["compile_s"] - before
     steps = []
 
     def call():
-        out, step = decode(*dargs)
+        out, step, _ = decode(*dargs)
         out.block_until_ready()
         steps.append(int(step))
 
@@ -248,28 +266,27 @@ def _vision(graphdef, state, pixels):
 
 def _embed(graphdef, state, input_ids, feats, attention_mask):
     m = _merge(graphdef, state)
-    x = m.embed_inputs(input_ids, feats)
-    valid, positions, rows = prompt_layout(attention_mask)
-    return x, positions, rows, valid
+    x = m.merge(input_ids, feats)
+    valid = attention_mask.astype(bool)
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)  # as Llava.embed_inputs
+    return x, positions, sequence_rows(valid), valid
 
 
 def _segment(graphdef, state, x, positions, rows, valid, *, lo, hi, collect, room):
     m = _merge(graphdef, state)
-    x, keys, values, proj = m._run_segment(lo, hi, x, positions, _causal(rows, valid), collect=collect, room=room)
+    x, keys, values, proj, _ = run_segment(m, lo, hi, x, positions, causal_mask(rows, valid), collect=collect,
+                                           room=room)
     return x, keys, values, proj
 
 
-def _scores_only(graphdef, state, x, proj, input_ids, positions, valid, *, stage):
-    m = _merge(graphdef, state)
-    inputs = m.score_inputs(x, proj, input_ids, positions, valid, stage.num_visual)
-    return prune_lib.SCORERS[stage.config.method](inputs, stage.config, stage.keep)
+def _scores_only(graphdef, state, x, proj, positions, valid, spans, extra, *, stage):
+    return score_visual(_merge(graphdef, state), x, proj, positions, valid, spans, stage, extra)
 
 
-def _prune_stage(graphdef, state, x, proj, input_ids, positions, valid, *, stage):
-    """`Llava.prune_stage` + gather: everything the pruned prefill adds to the unpruned one."""
-    kept, scores, _ = _merge(graphdef, state).prune_stage(x, proj, input_ids, positions, valid, stage)
-    gather = prune_lib.gather_rows
-    return gather(x, kept), gather(positions, kept), kept, gather(valid, kept), scores
+def _prune_stage(graphdef, state, x, proj, positions, valid, spans, extra, *, stage):
+    """`runtime.prefill.prune_stage` + gather: everything the pruned prefill adds to the unpruned one."""
+    kept, kept_valid, scores = prune_stage(_merge(graphdef, state), x, proj, positions, valid, spans, stage, extra)
+    return gather_rows(x, kept), take_tokens(positions, kept), kept, kept_valid, scores
 
 
 def _caches(keys, values, valid, *, room):
@@ -279,7 +296,7 @@ def _caches(keys, values, valid, *, room):
     return cache.mask, cache.index
 
 
-def _head(graphdef, state, x):
+def _head(graphdef, state, x):  # prompts are left padded: the last row is every example's last token
     return _merge(graphdef, state).logits(x[:, -1])
 
 
@@ -316,14 +333,16 @@ def measure_stage_cost(model, inputs: Inputs, stages: list[PruneStage], *, runs:
     feats = jax.jit(_bind(_vision, g))(state, inputs.pixel_values)
     x, positions, rows, valid = jax.jit(_bind(_embed, g))(state, inputs.input_ids, feats, inputs.attention_mask)
     by_layer: dict[int, tuple] = {}
-    ids = jnp.asarray(inputs.input_ids)
     for i, stage in enumerate(stages):
         if stage.layer not in by_layer:
             seg = jax.jit(_bind(_segment, g, lo=0, hi=stage.layer, collect=True, room=0))
             by_layer[stage.layer] = seg(state, x, positions, rows, valid)
         hx, _, _, proj = by_layer[stage.layer]
-        pieces.add((i, "score"), _bind(_scores_only, g, stage=stage), state, hx, proj, ids, positions, valid)
-        pieces.add((i, "stage"), _bind(_prune_stage, g, stage=stage), state, hx, proj, ids, positions, valid)
+        extra = inputs.extra(stage)
+        pieces.add((i, "score"), _bind(_scores_only, g, stage=stage), state, hx, proj, positions, valid, inputs.spans,
+                   extra)
+        pieces.add((i, "stage"), _bind(_prune_stage, g, stage=stage), state, hx, proj, positions, valid, inputs.spans,
+                   extra)
     times = pieces.time(runs, warmup)
     return [{"method": st.config.method, "keep": st.keep, "score_ms": times[(i, "score")],
              "stage_ms": times[(i, "stage")]} for i, st in enumerate(stages)]
@@ -360,8 +379,8 @@ def measure_profiles(model, inputs: Inputs, settings: dict[str, PruneStage | Non
         kept[name] = seq
         if stage is not None:
             hx, positions, rows, valid2, _ = pieces.add(
-                (name, "prune_stage"), _bind(_prune_stage, g, stage=stage), state, hx, proj,
-                jnp.asarray(inputs.input_ids), positions, valid)
+                (name, "prune_stage"), _bind(_prune_stage, g, stage=stage), state, hx, proj, positions, valid,
+                inputs.spans, inputs.extra(stage))
             kept[name] = seq - stage.num_visual + stage.keep
         else:
             valid2 = valid
@@ -404,7 +423,7 @@ def measure_vision(model, inputs: Inputs, *, runs: int, warmup: int) -> dict[str
 def run_speed(model, processor, *, budgets: list[Budget], with_unpruned: bool, methods: list[str], batch: int,
               runs: int, warmup: int, max_new: int, layer: int = DEFAULT_LAYER, profile: bool = True,
               decode: str = "ends", padding: str = "exact", log: Callable[[str], None] = print) -> dict[str, Any]:
-    room = gen._room(max_new)
+    room = api.room_for(max_new)
     inputs = prepare(model, processor, batch, padding)
     seq, n = inputs.seq_len, inputs.num_visual
     itemsize = jnp.dtype(model.dtype).itemsize
@@ -416,7 +435,7 @@ def run_speed(model, processor, *, budgets: list[Budget], with_unpruned: bool, m
 
     settings: list[tuple[str, Budget | None]] = [("none", None)] if with_unpruned else []
     settings += [(m, b) for b in budgets for m in methods]
-    stages = [None if b is None else make_stage(model, method, layer, b.keep, n) for method, b in settings]
+    stages = [None if b is None else make_stage(model, inputs, method, layer, b.keep) for method, b in settings]
     benches = measure_prefills(model, processor, inputs, stages, room=room, batch=batch, runs=runs, warmup=warmup,
                                log=log)
     if decode == "all":
@@ -467,7 +486,7 @@ def run_speed(model, processor, *, budgets: list[Budget], with_unpruned: bool, m
             r["realised_with_vision"] = (r["time_reduction"] / r["flops_reduction_with_vision"]
                                          if r["flops_reduction_with_vision"] > 0 else None)
 
-    stages = [make_stage(model, m, layer, b.keep, n) for b in budgets for m in methods]
+    stages = [make_stage(model, inputs, m, layer, b.keep) for b in budgets for m in methods]
     scoring = measure_stage_cost(model, inputs, stages, runs=runs, warmup=warmup) if stages else []
     for s in scoring:
         row = next(r for r in rows if r["method"] == s["method"] and r["keep"] == s["keep"])
@@ -486,7 +505,7 @@ def run_speed(model, processor, *, budgets: list[Budget], with_unpruned: bool, m
         if budgets:
             smallest = min(budgets, key=lambda b: b.keep)
             method = "entropy" if "entropy" in methods else methods[0]
-            settings_p[f"{method}@{smallest.label}"] = make_stage(model, method, layer, smallest.keep, n)
+            settings_p[f"{method}@{smallest.label}"] = make_stage(model, inputs, method, layer, smallest.keep)
         prof = measure_profiles(model, inputs, settings_p, layer=layer, room=room, runs=runs, warmup=warmup)
         for name, p in prof.items():
             log(f"profile {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in p["parts_ms"].items())

@@ -3,16 +3,27 @@
 An ep_jax checkpoint directory holds:
   ep_config.json   the model config (ep_jax's dataclasses) and the parameter dtype
   config.json      the Hugging Face config it came from (kept for the export back)
-  params/NAME      one orbax checkpoint per parameter (NAME = its key path, e.g. layers.attn.q)
+  params/          one orbax checkpoint of the nested parameter dict (format 3; format 2, one
+                   checkpoint per parameter under params/NAME, still loads), with the float64
+                   sum of every parameter as custom metadata (checked at load)
   tokenizer / processor files, copied from the source
+
+Writers (`convert_hf`, `save`, `export_hf`) build the output in a temporary folder beside it and
+rename it into place only when complete: an interrupted or failed write leaves DST as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
+import os
 import shutil
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,170 +34,48 @@ from flax import nnx
 
 from ep_jax import hf
 from ep_jax.config import ConfigError, LlavaConfig
-from ep_jax.nn.llava import Llava
+from ep_jax.errors import CheckpointError, EpJaxError, InputError, OutputPathError
+from ep_jax.families import family_of
+from ep_jax.families import get as get_family
+from ep_jax.runtime.model import (  # noqa: F401  (re-exported: loading returns these)
+    DTYPES, LAYOUTS, Model, abstract_model, from_params, init_model, resolve_layout, with_layout,
+)
+from ep_jax.runtime.model import dtype_of as _dtype
 
-FORMAT_VERSION = 2  # 2: one orbax checkpoint per parameter under params/
+FORMAT_VERSION = 3  # 3: params/ is one orbax checkpoint of the whole nested parameter dict
+READ_FORMATS = (2, 3)  # 2: one orbax checkpoint per parameter, params/NAME (restoring ~30 costs ~1 s)
 # Files copied along with the weights so that a checkpoint is self-contained.
 _SIDE_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
     "added_tokens.json", "preprocessor_config.json", "processor_config.json", "chat_template.json",
     "chat_template.jinja", "generation_config.json",
 )
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# How the decoder weights sit in memory (checkpoints always store them stacked):
-#   stacked    one array per weight, leading layer axis; the layers run under `lax.scan`, so
-#              compile time does not depend on depth. XLA:CPU copies each layer's slice before
-#              its matmuls read it (`benchmarks/decode_hlo.py`): decode, which reads every weight
-#              once per token, pays that copy on every step.
-#   per_layer  one buffer per layer and weight; the layer loop is unrolled in the graph, every
-#              matmul reads its weights in place; compile time grows with depth.
-#   auto       per_layer on CPU when one decoder layer holds at least PER_LAYER_MIN_BYTES of
-#              weights (there the copies dominate decode: the 1b bench config, 49 MiB a layer,
-#              decodes ~2x faster per_layer, `benchmarks/decode_layout.py`; small layers such as
-#              the shipped model's 0.8 MiB ones gain nothing and only compile slower), else
-#              stacked (GPU/TPU: the copy is an XLA:CPU behaviour; not measured on a GPU).
-LAYOUTS = ("auto", "stacked", "per_layer")
-PER_LAYER_MIN_BYTES = 4 << 20
-
-
-@dataclasses.dataclass
-class Model:
-    """A loaded model: config, the NNX graph definition and its parameter state, the
-    tokenizer/image processor, and a cache of compiled functions."""
-
-    config: LlavaConfig
-    graphdef: Any
-    state: Any
-    path: Path | None = None
-    preset: Any = None
-    _processor: Any = None
-    compiled: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def module(self) -> Llava:
-        return nnx.merge(self.graphdef, self.state)
-
-    @property
-    def dtype(self):
-        return self.state["embed"].value.dtype
-
-    @property
-    def processor(self):
-        if self._processor is None:
-            from ep_jax.processing import Processor
-
-            if self.path is None:
-                raise ValueError("this model was built in memory and has no tokenizer/processor files")
-            self._processor = Processor.from_dir(self.path, image_seq_len=self.config.image_seq_len)
-        return self._processor
-
-    @property
-    def layout(self) -> str:
-        return "per_layer" if 0 in self.state["layers"] else "stacked"  # nnx.List: keys 0..l-1
-
-    def params(self) -> dict:
-        """Parameters as a nested dict of arrays, decoder weights stacked (the checkpoint layout)."""
-        params = nnx.to_pure_dict(self.state)
-        if self.layout == "per_layer":
-            per = params["layers"]
-            params["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *(per[i] for i in range(len(per))))
-        return params
-
-
-def decoder_layer_bytes(cfg: LlavaConfig, dtype) -> int:
-    """Bytes of one decoder layer's matrices (attention q, k, v, o and the three MLP ones)."""
-    t = cfg.text
-    attention = t.hidden_size * t.head_dim * (2 * t.num_heads + 2 * t.num_kv_heads)
-    return (attention + 3 * t.hidden_size * t.intermediate_size) * jnp.dtype(dtype).itemsize
-
-
-def resolve_layout(layout: str, cfg: LlavaConfig, dtype) -> str:
-    """"auto" -> the layout that suits this backend and model (see LAYOUTS); others checked."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
-    if layout == "auto":
-        big = decoder_layer_bytes(cfg, dtype) >= PER_LAYER_MIN_BYTES
-        return "per_layer" if big and jax.default_backend() == "cpu" else "stacked"
-    return layout
-
-
-def _unstack(stacked: dict, num_layers: int) -> dict:
-    """Stacked decoder weights {name: [l, ...]} -> {i: {name: [...]}}, leaf by leaf: each stacked
-    array is dropped from `stacked` once split, so memory holds one extra weight at a time."""
-    per: dict = {i: {} for i in range(num_layers)}
-    for keys in list(_leaf_paths(stacked)):
-        whole = hf._get(stacked, keys)
-        hf._set(stacked, keys, None)
-        for i in range(num_layers):
-            hf._set(per[i], keys, jnp.array(whole[i]))
-        del whole
-    return per
-
-
-def _dtype(name: str | None, default):
-    if name is None:
-        return default
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"dtype {name!r} is not supported; choose one of {sorted(DTYPES)}") from None
-
-
-def abstract_model(cfg: LlavaConfig, dtype, layout: str = "stacked") -> tuple[Any, Any]:
-    """(graphdef, abstract state) without allocating any parameter."""
-    abstract = nnx.eval_shape(lambda: Llava(cfg, dtype=dtype, rngs=nnx.Rngs(0), layout=layout))
-    return nnx.split(abstract)
-
-
-def init_model(cfg: LlavaConfig, dtype=jnp.float32, seed: int = 0) -> Model:
-    """A randomly initialised model (benchmarks, training), stacked layout."""
-    graphdef, state = nnx.split(Llava(cfg, dtype=dtype, rngs=nnx.Rngs(seed)))
-    return Model(cfg, graphdef, state)
-
-
-def from_params(cfg: LlavaConfig, params: dict, dtype, path: Path | None = None, layout: str = "auto") -> Model:
-    """A Model from checkpoint-layout parameters (decoder weights stacked); `params` is consumed
-    when the layout is per_layer."""
-    layout = resolve_layout(layout, cfg, dtype)
-    if layout == "per_layer":
-        params = {**params, "layers": _unstack(params["layers"], cfg.text.num_layers)}
-    graphdef, state = abstract_model(cfg, dtype, layout)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    return Model(cfg, graphdef, state, path=path)
-
-
-def with_layout(model: Model, layout: str) -> Model:
-    """The same weights in another layout (a new Model; the stacked arrays are split or joined)."""
-    layout = resolve_layout(layout, model.config, model.dtype)
-    if layout == model.layout:
-        return model
-    moved = from_params(model.config, model.params(), model.dtype, model.path, layout)
-    return dataclasses.replace(model, graphdef=moved.graphdef, state=moved.state, compiled={})
-
-
 def _shapes(state) -> dict:
     return jax.tree.map(lambda a: tuple(a.shape), nnx.to_pure_dict(state))
 
 
 def is_hf_dir(path: Path) -> bool:
-    return (path / "config.json").exists() and (
-        (path / "model.safetensors.index.json").exists() or any(path.glob("*.safetensors"))
+    return (path / "config.json").is_file() and (
+        (path / "model.safetensors.index.json").is_file() or any(path.glob("*.safetensors"))
     )
 
 
 def is_ep_dir(path: Path) -> bool:
-    return (path / "ep_config.json").exists() and (path / "params").exists()
+    return (path / "ep_config.json").is_file()
 
 
-def read_hf(src: str | Path, dtype: str | None = None, progress: bool = False) -> tuple[LlavaConfig, dict]:
-    """Config and ep_jax-layout parameters (numpy) of a Hugging Face LLaVA directory."""
+def read_hf(src: str | Path, dtype: str | None = None, progress: bool = False) -> tuple[Any, dict]:
+    """Config and ep_jax-layout parameters (numpy) of a Hugging Face directory of any family;
+    the config's fields are checked (`_config_from_hf`), every tensor is checked finite as it is
+    read (`hf.check_finite`)."""
     src = Path(src)
-    cfg = LlavaConfig.from_json(src / "config.json")
+    family = hf_family(src)
+    cfg = _config_from_hf(family, src / "config.json")
     np_dtype = np.dtype(_dtype(dtype, jnp.float32))
-    _, state = abstract_model(cfg, np_dtype)
+    _, state = abstract_model(family, cfg, np_dtype)
     report = None
     if progress:
-        total = len(hf._expand(hf.weight_table(cfg)))
+        total = family.hf_tensor_count(cfg)
         count = [0]
 
         def report(name):
@@ -194,35 +83,103 @@ def read_hf(src: str | Path, dtype: str | None = None, progress: bool = False) -
             if count[0] % 50 == 0 or count[0] == total:
                 print(f"  read {count[0]}/{total} tensors", file=sys.stderr, flush=True)
 
-    params = hf.read_hf_weights(src, cfg, _shapes(state), np_dtype, progress=report)
+    params = family.read_hf_weights(src, cfg, _shapes(state), np_dtype, progress=report)
     return cfg, params
 
 
-def load(path: str | Path, dtype: str | None = None, layout: str = "auto") -> Model:
-    """Load an ep_jax checkpoint, or a Hugging Face LLaVA directory (converted in memory).
+def _read_json(path: Path) -> dict:
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path} holds a JSON {type(d).__name__}, not an object")
+    return d
+
+
+def _config_from_hf(family, path: Path):
+    """The family's config of a config.json: ConfigError naming the field for a malformed one
+    (LLaVA: every field its config reads is type-checked first, `hf.parse_config`)."""
+    d = _read_json(path)
+    if family.name == "llava":
+        return hf.parse_config(d, path)
+    try:
+        return family.config_from_hf(d)
+    except EpJaxError:
+        raise
+    except (KeyError, AttributeError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise ConfigError(f"{path} has a malformed field ({type(e).__name__}: {e})",
+                          fix="restore it from the original checkpoint") from None
+
+
+def hf_family(path: Path):
+    """The family of a Hugging Face directory, from its config.json `model_type`."""
+    return family_of(_read_json(Path(path) / "config.json"))
+
+
+def load(path: str | Path | None = None, dtype: str | None = None, layout: str = "auto") -> Model:
+    """Load an ep_jax checkpoint, or a Hugging Face directory of a supported family (converted in
+    memory); without a path, the model shipped with ep_jax. The model's preset (its own
+    `preset.json` / `ep_preset.json`, else a `models/*.json` whose `match` fits) is attached:
+    generation then uses its chat template and pruning defaults, as the CLI does.
     `layout`: how the decoder weights sit in memory (`LAYOUTS`; the default suits the backend)."""
+    from ep_jax import presets
+
+    if path is None:
+        path = presets.default_model_path()
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"model path {path} does not exist")
+        raise FileNotFoundError(2, "model path does not exist", str(path))
+    if layout not in LAYOUTS:  # before anything heavy is read
+        raise InputError(f"layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     if is_ep_dir(path):
-        meta = json.loads((path / "ep_config.json").read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ConfigError(f"{path} has checkpoint format {meta.get('format_version')}, expected {FORMAT_VERSION}")
-        cfg = LlavaConfig.from_json_dict(meta["config"])
-        saved = _dtype(meta["dtype"], jnp.float32)
+        version, family, cfg, saved = _read_ep_config(path)
         target = _dtype(dtype, saved)
-        graphdef, abstract = abstract_model(cfg, saved)
-        params = _restore(path / "params", nnx.to_pure_dict(abstract))
+        graphdef, abstract = abstract_model(family, cfg, saved)
+        params = _restore(path / "params", nnx.to_pure_dict(abstract), version=version, where=path)
         if target != saved:
             params = jax.tree.map(lambda a: a.astype(target), params)
-        return from_params(cfg, params, target, path, layout)
-    if is_hf_dir(path):
+        model = from_params(family, cfg, params, target, path, layout)
+    elif is_hf_dir(path):
         cfg, params = read_hf(path, dtype)
-        return from_params(cfg, params, _dtype(dtype, jnp.float32), path, layout)
-    raise hf.CheckpointError(
-        f"{path} is neither an ep_jax checkpoint (ep_config.json + params/) nor a Hugging Face "
-        "LLaVA directory (config.json + *.safetensors)"
-    )
+        model = from_params(hf_family(path), cfg, params, _dtype(dtype, jnp.float32), path, layout)
+    else:
+        raise hf.CheckpointError(
+            f"{path} is neither an ep_jax checkpoint (ep_config.json + params/) nor a Hugging Face "
+            "directory (config.json + *.safetensors)"
+        )
+    model.preset = presets.for_model(path, model.config, model.family)
+    return model
+
+
+def _read_ep_config(path: Path) -> tuple[int, Any, Any, Any]:
+    """(format version, family, config, saved dtype) of an ep_jax checkpoint's ep_config.json;
+    ConfigError naming the field for anything malformed."""
+    f = path / "ep_config.json"
+    fix = "convert the model again (python convert/hf_to_ep.py)"
+    meta = _read_json(f)
+    version = meta.get("format_version")
+    if version not in READ_FORMATS:
+        newer = isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION
+        raise ConfigError(
+            f"{path} has checkpoint format {version!r}; this ep_jax reads formats "
+            f"{', '.join(map(str, READ_FORMATS))}" + (" (it was written by a newer ep_jax)" if newer else ""),
+            fix="upgrade ep_jax" if newer else fix)
+    for key in ("dtype", "config"):
+        if key not in meta:
+            raise ConfigError(f"{f}: field {key!r} is missing", fix=fix)
+    if meta["dtype"] not in DTYPES:
+        raise ConfigError(f"{f}: field 'dtype' is {meta['dtype']!r}, expected one of {sorted(DTYPES)}", fix=fix)
+    family = get_family(meta.get("family", "llava"))
+    try:
+        cfg = family.config_from_json_dict(meta["config"])
+    except EpJaxError:
+        raise
+    except KeyError as e:
+        raise ConfigError(f"{f}: field 'config.{e.args[0]}' is missing", fix=fix) from None
+    except (AttributeError, TypeError, ValueError) as e:
+        raise ConfigError(f"{f}: field 'config' is malformed ({type(e).__name__}: {e})", fix=fix) from None
+    return version, family, cfg, DTYPES[meta["dtype"]]
 
 
 def _leaf_paths(tree: dict, prefix: tuple[str, ...] = ()):
@@ -234,102 +191,395 @@ def _leaf_paths(tree: dict, prefix: tuple[str, ...] = ()):
             yield (*prefix, key)
 
 
-def _restore(path: Path, abstract: dict) -> dict:
-    """Restore parameter by parameter (each is its own orbax checkpoint under params/)."""
+# ------------------------------------------------------------------------------ parameters
+_UNREADABLE_FIX = "convert again"
+_SUMS_KEY = "ep_jax_sums"  # orbax custom metadata: {"layers.attn.q": float64 sum, ...}
+# Saved and recomputed float64 sums of a parameter may differ by rounding (another numpy
+# summation order); damage changes them by far more.
+_SUM_RTOL = 1e-6
+# Small models restore every parameter at once; larger ones one largest parameter at a time.
+_RESTORE_MIN_BYTES = 64 << 20
+
+
+def _unreadable(where, names: str = "", detail: str = "") -> CheckpointError:
+    what = f"parameter(s) {names} of checkpoint {where}" if names else f"parameter(s) of checkpoint {where}"
+    detail = f" ({detail})" if detail else ""
+    return CheckpointError(f"{what} cannot be read: the files are truncated or corrupt{detail}", fix=_UNREADABLE_FIX)
+
+
+def _short_error(e: BaseException, n: int = 200) -> str:
+    text = " ".join(f"{type(e).__name__}: {e}".split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _restore(path: Path, abstract: dict, version: int = FORMAT_VERSION, where: Path | None = None) -> dict:
+    """The parameters under params/ as jax arrays on the default device, each checked for
+    NaN/inf and (format 3) against the sum saved with it: damage gives one CheckpointError.
+
+    Format 3 is one orbax restore of the whole tree (the shipped model: ~0.05 s instead of
+    ~0.4 s for format 2's one restore per parameter). On CPU the check reads the restored
+    arrays in place (numpy views, no copy)."""
     import orbax.checkpoint as ocp
 
-    params: dict = {}
-    with ocp.StandardCheckpointer() as ckpt:
-        for keys in _leaf_paths(abstract):
-            name = ".".join(keys)
-            leaf = hf._get(abstract, keys)
-            target = {"value": jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)}
-            if not (path / name).exists():
-                raise hf.CheckpointError(f"{path} has no saved parameter {name!r}: the checkpoint is incomplete")
-            hf._set(params, keys, ckpt.restore((path / name).absolute(), target)["value"])
+    where = where if where is not None else path.parent
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {where} has no params/ folder", fix=_UNREADABLE_FIX)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract)
+    sums: dict = {}
+    try:
+        if version == 2:
+            params = _restore_v2(path, target, where)
+        else:
+            # Bound the bytes read at once: each parameter in flight costs orbax a read buffer
+            # and the array it is copied into. Unbounded, it reads everything at once (measured,
+            # 8 x 128 MiB: +1.5-1.7x the model at peak); one largest parameter at a time costs
+            # +2 x that parameter (+1.25x there; llava-1.5-7b bf16: 14.1 + 2 x 2.9 GB).
+            largest = max(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(target))
+            budget = max(largest + 1, _RESTORE_MIN_BYTES)
+            with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=budget / 1e9)) as ckpt:
+                params = ckpt.restore(path.absolute(), args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
+            sums = _saved_sums(path)
+    except (EpJaxError, MemoryError):
+        raise
+    except Exception as e:  # orbax / tensorstore raise many types for damaged files
+        _quiet_abandoned_reads()
+        raise _unreadable(where, _names_in(e, abstract)) from None
+    damaged = []
+    for keys in _leaf_paths(abstract):
+        name = ".".join(keys)
+        try:
+            leaf = hf._get(params, keys)
+        except (KeyError, TypeError):
+            raise _unreadable(where, name, "missing from params/") from None
+        if tuple(leaf.shape) != tuple(hf._get(abstract, keys).shape):
+            raise _unreadable(where, name, f"shape {tuple(leaf.shape)}")
+        want = sums.get(name)
+        if want is None:  # format 2: no saved sums; NaN/inf named as such
+            hf.check_finite(np.asarray(leaf), name, where)
+            continue
+        # saving refuses NaN/inf, so a non-finite or different sum means damaged files
+        with np.errstate(all="ignore"):  # damaged values may be inf - inf
+            total = float(np.sum(np.asarray(leaf), dtype=np.float64))  # CPU: a view of the array, no copy
+        if not abs(total - want) <= _SUM_RTOL * max(1.0, abs(want)):
+            damaged.append(name)
+    if damaged:
+        raise _unreadable(where, hf._short(damaged), "their values differ from the ones saved")
     return params
 
 
-def _save_params(params: dict, path: Path, consume: bool = False) -> None:
-    """One orbax checkpoint per parameter: orbax's serialisation copies cost about one
-    parameter at a time instead of the whole model (measured: 0.85x of what is saved at once),
-    which is what keeps converting a 7B model inside 24 GiB. With `consume`, each leaf is
-    dropped from `params` once written, so memory falls as the save proceeds."""
+def _quiet_abandoned_reads() -> None:
+    """After a failed restore, orbax's abandoned reads end later, in tensorstore's threads,
+    reporting "Event loop is closed" and their own read errors through sys.unraisablehook (pages
+    of tracebacks, possibly after the CheckpointError was printed). Drop those two kinds from
+    then on; anything else still reaches the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_ep_jax_quiet", False):
+        return
+
+    def hook(unraisable):
+        code = getattr(unraisable.object, "cr_code", None)
+        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
+            unraisable.exc_value)
+        if closed_loop or (code is not None and "orbax" in code.co_filename):
+            return
+        previous(unraisable)
+
+    hook._ep_jax_quiet = True
+    sys.unraisablehook = hook
+
+
+def _names_in(e: BaseException, abstract: dict) -> str:
+    """The parameters an orbax/tensorstore error names (it quotes their paths, "NAME/")."""
+    text = str(e)
+    names = [".".join(k) for k in _leaf_paths(abstract)]
+    return hf._short([n for n in names if f"'{n}/" in text or f'"{n}/' in text])
+
+
+def _restore_v2(path: Path, target: dict, where) -> dict:
+    """Format 2: one orbax checkpoint per parameter, params/NAME."""
     import orbax.checkpoint as ocp
 
-    path.mkdir(parents=True, exist_ok=True)
+    params: dict = {}
+    missing = [".".join(k) for k in _leaf_paths(target) if not (path / ".".join(k)).is_dir()]
+    if missing:
+        raise _unreadable(where, hf._short(missing), "missing from params/")
     with ocp.StandardCheckpointer() as ckpt:
-        for keys in list(_leaf_paths(params)):
+        for keys in _leaf_paths(target):
             name = ".".join(keys)
-            leaf = jax.device_put(hf._get(params, keys))
-            if consume:
-                hf._set(params, keys, None)
-            ckpt.save((path / name).absolute(), {"value": leaf})
-            ckpt.wait_until_finished()
-            del leaf
+            try:
+                value = ckpt.restore((path / name).absolute(), {"value": hf._get(target, keys)})["value"]
+            except MemoryError:
+                raise
+            except Exception:  # orbax / tensorstore raise many types for damaged files
+                _quiet_abandoned_reads()
+                raise _unreadable(where, name) from None
+            hf._set(params, keys, value)
+    return params
 
 
-def save(cfg: LlavaConfig, params: dict, dst: str | Path, *, src: str | Path | None = None,
-         hf_config: dict | None = None, consume: bool = False) -> Path:
-    """Write an ep_jax checkpoint; tokenizer/processor files are copied from `src`.
-    `consume=True` empties `params` while saving (conversion of large models)."""
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    if (dst / "params").exists():
-        shutil.rmtree(dst / "params")
+def _saved_sums(path: Path) -> dict:
+    """The per-parameter sums saved as orbax custom metadata ({} when absent)."""
+    try:
+        meta = json.loads((path / "_METADATA").read_text(encoding="utf-8"))
+        sums = (meta.get("custom_metadata") or {}).get(_SUMS_KEY) or {}
+    except (OSError, ValueError, AttributeError):
+        raise _unreadable(path.parent, detail="params/_METADATA is damaged") from None
+    if not isinstance(sums, dict):
+        raise _unreadable(path.parent, detail="params/_METADATA: malformed sums")
+    return sums
+
+
+def _save_params(params: dict, path: Path, consume: bool = False, where: str | Path | None = None) -> None:
+    """params/ as ONE orbax checkpoint of the nested dict (format 3), the float64 sum of each
+    parameter in its custom metadata; a parameter holding NaN/inf is refused (CheckpointError).
+
+    Memory: leaves are written as numpy arrays (views of CPU jax arrays: no copy), without
+    orbax's defensive copy of host arrays and without zstd compression, whose buffers for a
+    whole tree written at once cost about one more model (measured on the 160 MiB probe model:
+    +96% of the model with orbax's default numpy handler, +91% for jax arrays, +1% here). That
+    keeps converting llava-1.5-7b within 24 GiB. `consume`: the leaves are dropped from
+    `params` once written."""
+    import orbax.checkpoint as ocp
+
+    where = where if where is not None else path.parent
+    tree: dict = {}
+    sums: dict = {}
+    for keys in list(_leaf_paths(params)):
+        name = ".".join(keys)
+        arr = np.asarray(hf._get(params, keys))  # a view for numpy / CPU arrays, a host copy of device ones
+        sums[name] = hf.check_finite(arr, name, where)
+        hf._set(tree, keys, arr)
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),
+    )
+    handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
+    try:
+        with ocp.Checkpointer(handler) as ckpt:
+            ckpt.save(path.absolute(), args=ocp.args.PyTreeSave(tree, custom_metadata={_SUMS_KEY: sums}))
+    except (OSError, ValueError, RuntimeError) as e:  # tensorstore reports a full disk as a ValueError
+        if isinstance(e, EpJaxError):
+            raise
+        raise OutputPathError(f"cannot write the parameters of {where}: {_short_error(e, 300)}",
+                              fix="check the free disk space") from e
+    del tree
+    if consume:
+        for keys in list(_leaf_paths(params)):
+            hf._set(params, keys, None)
+
+
+def _write_checkpoint(out: Path, cfg, params: dict, *, src=None, hf_config: dict | None = None,
+                      consume: bool = False, where=None, family: str | None = None) -> None:
+    """The files of an ep_jax checkpoint, into the (empty, temporary) folder `out`."""
     dtype = str(jax.tree.leaves(params)[0].dtype)
-    _save_params(params, dst / "params", consume=consume)
+    _save_params(params, out / "params", consume=consume, where=where)
     meta = {"format_version": FORMAT_VERSION, "dtype": dtype, "config": cfg.to_json_dict()}
-    (dst / "ep_config.json").write_text(json.dumps(meta, indent=1))
-    (dst / "config.json").write_text(json.dumps(hf_config or cfg.to_hf_dict(), indent=1))
+    if family is not None:
+        meta["family"] = family
+    (out / "ep_config.json").write_text(json.dumps(meta, indent=1))
+    (out / "config.json").write_text(json.dumps(hf_config or cfg.to_hf_dict(), indent=1))
     if src is not None:
-        copy_side_files(src, dst)
+        copy_side_files(src, out)
+
+
+def save(cfg, params: dict, dst: str | Path, *, src: str | Path | None = None,
+         hf_config: dict | None = None, consume: bool = False, overwrite: bool = False,
+         keep: tuple[str, ...] = (), family: str | None = None) -> Path:
+    """Write an ep_jax checkpoint; tokenizer/processor files are copied from `src` (which may be
+    `dst` itself: they are copied before the old folder goes).
+
+    The checkpoint is built in a temporary folder beside `dst` and renamed into place once
+    complete. An existing non-empty `dst` is refused (OutputPathError) unless `overwrite`; then
+    it is replaced as a whole, keeping only the files named in `keep` (e.g. "preset.json").
+    `consume=True` empties `params` while saving (conversion of large models); `family` is
+    recorded in ep_config.json (absent: "llava")."""
+    dst = Path(dst)
+    with _staged_output(dst, overwrite, sources=(src,), keep=keep) as tmp:
+        _write_checkpoint(tmp, cfg, params, src=src, hf_config=hf_config, consume=consume, where=dst, family=family)
     return dst
 
 
 def copy_side_files(src: str | Path, dst: str | Path) -> None:
+    """Copy the tokenizer/processor files (`_SIDE_FILES`) that `src` has into `dst`."""
     for name in _SIDE_FILES:
         f = Path(src) / name
-        if f.exists() and f.resolve() != (Path(dst) / name).resolve():
-            shutil.copy(f, Path(dst) / name)
+        if f.is_file() and f.resolve() != (Path(dst) / name).resolve():
+            shutil.copyfile(f, Path(dst) / name)
 
 
-def convert_hf(src: str | Path, dst: str | Path, dtype: str = "float32", progress: bool = True) -> Path:
-    """HF LLaVA directory -> ep_jax checkpoint, streaming tensors shard by shard."""
-    src = Path(src)
-    cfg, params = read_hf(src, dtype, progress=progress)
-    hf_config = json.loads((src / "config.json").read_text())
-    return save(cfg, params, dst, src=src, hf_config=hf_config, consume=True)
+def convert_hf(src: str | Path, dst: str | Path, dtype: str = "float32", progress: bool = True,
+               overwrite: bool = False) -> Path:
+    """Hugging Face directory -> ep_jax checkpoint, streaming tensors shard by shard.
+
+    `dst` is checked before any tensor is read, and written through a temporary folder beside it
+    (see `save`): Ctrl-C or a full disk leaves it as it was."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise CheckpointError(f"source {src} is not a directory", fix="give a Hugging Face LLaVA directory")
+    _dtype(dtype, None)  # InputError for an unknown dtype, before anything is written
+    with _staged_output(dst, overwrite, sources=(src,)) as tmp:
+        cfg, params = read_hf(src, dtype, progress=progress)
+        hf_config = _read_json(src / "config.json")
+        if progress:
+            print(f"  writing {dst}", file=sys.stderr, flush=True)
+        _write_checkpoint(tmp, cfg, params, src=src, hf_config=hf_config, consume=True, where=dst,
+                          family=hf_family(src).name)
+    return dst
 
 
-def export_hf(model_or_path, dst: str | Path, max_shard_bytes: int = 2 << 30) -> Path:
-    """ep_jax checkpoint -> HF directory in the hub layout that transformers loads."""
+def export_hf(model_or_path, dst: str | Path, max_shard_bytes: int = 2 << 30, overwrite: bool = False) -> Path:
+    """ep_jax checkpoint -> HF directory in the hub layout that transformers loads; written
+    through a temporary folder beside `dst` (see `save`), which is checked before loading."""
     from safetensors.numpy import save_file
 
-    model = model_or_path if isinstance(model_or_path, Model) else load(model_or_path)
     dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    params = jax.tree.map(np.asarray, model.params())
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name, arr in hf.iter_hf_export(params, model.config):
-        if size + arr.nbytes > max_shard_bytes and shards[-1]:
-            shards.append({})
-            size = 0
-        shards[-1][name] = arr
-        size += arr.nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(dst / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    index = {"metadata": {"total_size": sum(a.nbytes for s in shards for a in s.values())}, "weight_map": weight_map}
-    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    hf_config = model.config.to_hf_dict()
-    if model.path is not None and (model.path / "config.json").exists():
-        hf_config = json.loads((model.path / "config.json").read_text())
-    hf_config["torch_dtype"] = str(model.dtype)
-    (dst / "config.json").write_text(json.dumps(hf_config, indent=1))
-    if model.path is not None:
-        copy_side_files(model.path, dst)
+    source = model_or_path.path if isinstance(model_or_path, Model) else Path(model_or_path)
+    with _staged_output(dst, overwrite, sources=(source,)) as tmp:
+        model = model_or_path if isinstance(model_or_path, Model) else load(model_or_path)
+        params = jax.tree.map(np.asarray, model.params())
+        shards: list[dict[str, np.ndarray]] = [{}]
+        size = 0
+        for name, arr in model.family.iter_hf_export(params, model.config):
+            if size + arr.nbytes > max_shard_bytes and shards[-1]:
+                shards.append({})
+                size = 0
+            shards[-1][name] = arr
+            size += arr.nbytes
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        index = {"metadata": {"total_size": sum(a.nbytes for s in shards for a in s.values())},
+                 "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        hf_config = model.config.to_hf_dict()
+        if model.path is not None and (model.path / "config.json").is_file():
+            hf_config = _read_json(model.path / "config.json")
+        hf_config["torch_dtype"] = str(model.dtype)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=1))
+        if model.path is not None:
+            copy_side_files(model.path, tmp)
     return dst
+
+
+# ------------------------------------------------------------------------------ safe writes
+_FIX_OVERWRITE = "pass --overwrite (overwrite=True) to replace it, or choose another DST"
+# Test hook only (tests/test_checkpoint_safety.py): seconds to wait once the output is complete
+# in its temporary folder, before it is renamed into place, so that a test can interrupt there.
+_TEST_DELAY_ENV = "EP_JAX_TEST_WRITE_DELAY"
+
+
+def _check_destination(dst: Path, overwrite: bool, sources=()) -> Path:
+    """Refuse a destination that cannot or must not be written, before anything is read:
+    a regular file, a path under a regular file, an unwritable parent, a folder that holds a
+    source, or an existing non-empty folder without `overwrite`. Returns it absolute."""
+    dst = Path(dst)
+    absolute = Path(os.path.abspath(dst))
+    if absolute.parent == absolute:
+        raise OutputPathError(f"{dst} is a filesystem root", fix="choose a folder for DST")
+    for p in (absolute, *absolute.parents):
+        if p.exists() and not p.is_dir():
+            if p == absolute:
+                raise OutputPathError(f"{dst} is a file, not a directory",
+                                      fix="choose another DST (the file was left as it is)")
+            raise OutputPathError(f"{dst} cannot be created: {p} is a file", fix="choose another DST")
+        if p.is_dir():
+            break
+    for s in sources:
+        if s is None:
+            continue
+        s = Path(os.path.abspath(s))
+        if absolute in s.parents:
+            raise OutputPathError(f"{dst} holds the source {s}: replacing it would delete the source",
+                                  fix="choose another DST")
+    if absolute.is_dir() and any(absolute.iterdir()) and not overwrite:
+        raise OutputPathError(f"{dst} already exists and is not empty", fix=_FIX_OVERWRITE)
+    existing = next(p for p in (absolute.parent, *absolute.parent.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{dst} cannot be written: no write permission in {existing}",
+                              fix="choose a DST in a folder you can write")
+    return absolute
+
+
+@contextlib.contextmanager
+def _staged_output(dst: Path, overwrite: bool, sources=(), keep: tuple[str, ...] = ()):
+    """Yield an empty temporary folder beside `dst` (`.NAME.tmp-PID`) to write the output into;
+    when the block completes, rename it into place (an old `dst` is renamed aside first and
+    deleted last). On any exception, Ctrl-C included, the temporary folder is removed and `dst`
+    is left as it was; an OSError while writing becomes OutputPathError naming `dst`."""
+    absolute = _check_destination(dst, overwrite, sources)
+    tmp = absolute.parent / f".{absolute.name}.tmp-{os.getpid()}"
+    try:
+        absolute.parent.mkdir(parents=True, exist_ok=True)
+        _remove_tree(tmp)  # left by an earlier run that had this process id
+        tmp.mkdir()
+    except OSError as e:
+        raise OutputPathError(f"{dst} cannot be written: {e.strerror or e} ({e.filename or tmp})",
+                              fix="choose a DST in a folder you can write") from None
+    try:
+        yield tmp
+        for name in keep:
+            if (absolute / name).is_file() and not (tmp / name).exists():
+                shutil.copyfile(absolute / name, tmp / name)
+        if os.environ.get(_TEST_DELAY_ENV):
+            time.sleep(float(os.environ[_TEST_DELAY_ENV]))
+        _move_into_place(tmp, absolute)
+    except BaseException as e:
+        _remove_tree(tmp)
+        if isinstance(e, OSError) and not isinstance(e, EpJaxError) and _is_write_error(e, tmp):
+            raise OutputPathError(f"writing {dst} failed: {e.strerror or e} ({e.filename or tmp})",
+                                  fix=f"{dst} was left as it was; check the free disk space") from e
+        raise
+
+
+def _is_write_error(e: OSError, tmp: Path) -> bool:
+    return (e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+            or str(e.filename or "").startswith(str(tmp)))
+
+
+def _move_into_place(tmp: Path, dst: Path) -> None:
+    """Rename the complete `tmp` to `dst`; an existing `dst` is renamed aside first and deleted
+    once the new one is in place (restored if the second rename fails). Ctrl-C is held off
+    meanwhile: these steps take milliseconds, and the write is complete."""
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+    with _sigint_held():
+        if dst.exists() or dst.is_symlink():
+            _remove_tree(old)
+            os.rename(dst, old)
+            try:
+                os.rename(tmp, dst)
+            except BaseException:
+                os.rename(old, dst)
+                raise
+            _remove_tree(old)
+        else:
+            os.rename(tmp, dst)
+
+
+@contextlib.contextmanager
+def _sigint_held():
+    """Ignore SIGINT inside the block (main thread only; elsewhere signals do not arrive)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a file or folder if it exists; retried briefly, as writer threads that an
+    interrupt left running may still be adding files."""
+    for _ in range(50):
+        if path.is_symlink() or path.is_file():
+            path.unlink(missing_ok=True)
+        elif path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        if not (path.exists() or path.is_symlink()):
+            return
+        time.sleep(0.1)

@@ -14,8 +14,7 @@ from typing import Any
 _SUPPORTED_TEXT_MODELS = ("llama", "mistral", "vicuna")
 
 
-class ConfigError(ValueError):
-    """A config.json that ep_jax cannot run, with the reason and the field."""
+from ep_jax.errors import ConfigError  # noqa: E402,F401  (one class for every config error)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,10 +18,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from ep_jax.config import LlavaConfig
+from ep_jax.errors import CheckpointError, ConfigError
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, naming the offending files/tensors."""
+__all__ = ["CheckpointError", "ConfigError", "check_config_fields", "check_finite", "iter_hf_export", "iter_hf_tensors",
+           "parse_config", "read_config", "read_hf_weights", "shard_files", "weight_table"]
 
 
 # transformers 5 saves under other prefixes than the hub checkpoints; all map to the hub one.
@@ -167,6 +167,127 @@ def _set(tree: dict, path: tuple[str, ...], value) -> None:
     tree[path[-1]] = value
 
 
+# ---------------------------------------------------------------------- config.json
+# Fields of config.json that LlavaConfig.from_hf_dict reads, with the JSON types they must have:
+# a wrong type there would surface as a TypeError / AttributeError deep inside, or later as a
+# nonsensical shape; here it is one ConfigError naming the field.
+_POSITIVE_INTS = {
+    "vision_config": ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                      "patch_size", "num_channels"),
+    "text_config": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings"),
+}
+_NUMBERS = {"vision_config": ("layer_norm_eps",), "text_config": ("rms_norm_eps", "rope_theta")}
+_STRINGS = {"": ("projector_hidden_act", "vision_feature_select_strategy", "model_type"),
+            "vision_config": ("hidden_act", "model_type"), "text_config": ("hidden_act", "model_type")}
+_TOKEN_IDS = {"": ("image_token_index", "image_token_id", "pad_token_id", "bos_token_id", "eos_token_id"),
+              "text_config": ("pad_token_id", "bos_token_id", "eos_token_id")}
+
+
+def read_config(path: str | Path) -> tuple[LlavaConfig, dict]:
+    """(LlavaConfig, the raw dict) of a Hugging Face config.json; ConfigError naming the file and
+    the field for anything malformed (not JSON, a field of the wrong type, a missing sub-field)."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: a LLaVA checkpoint directory has a config.json") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}", fix="restore it from the original checkpoint") from None
+    return parse_config(d, path), d
+
+
+def parse_config(d, path: str | Path = "config.json") -> LlavaConfig:
+    """LlavaConfig of a config.json dict, every field it reads type-checked first: ConfigError
+    naming the field instead of a TypeError / AttributeError / KeyError from deep inside."""
+    check_config_fields(d, path)
+    try:
+        return LlavaConfig.from_hf_dict(d)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except KeyError as e:
+        raise ConfigError(f"{path}: field {e.args[0]!r} is missing", fix="restore it from the original checkpoint") \
+            from None
+    except (AttributeError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise ConfigError(f"{path} has a malformed field ({type(e).__name__}: {e})",
+                          fix="restore it from the original checkpoint") from None
+
+
+def check_config_fields(d, path: str | Path = "config.json") -> None:
+    """ConfigError naming the first field of a config.json dict that has the wrong JSON type."""
+    def fail(field: str, value, want: str):
+        raise ConfigError(f"{path}: field {field} is {value!r}, expected {want}",
+                          fix="fix the field or restore config.json from the original checkpoint")
+
+    if not isinstance(d, dict):
+        fail("(top level)", type(d).__name__, "a JSON object")
+    for sub in ("vision_config", "text_config"):
+        if d.get(sub) is not None and not isinstance(d[sub], dict):
+            fail(sub, d[sub], "an object")
+    parts = {"": d, "vision_config": d.get("vision_config") or {}, "text_config": d.get("text_config") or {}}
+
+    def name(sub, key):
+        return f"{sub}.{key}" if sub else key
+
+    for sub, keys in _POSITIVE_INTS.items():
+        for key in keys:
+            v = parts[sub].get(key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                fail(name(sub, key), v, "a positive integer")
+    for sub, keys in _NUMBERS.items():
+        for key in keys:
+            v = parts[sub].get(key)
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v)):
+                fail(name(sub, key), v, "a number")
+    for sub, keys in _STRINGS.items():
+        for key in keys:
+            v = parts[sub].get(key)
+            if v is not None and not isinstance(v, str):
+                fail(name(sub, key), v, "a string")
+    for sub, keys in _TOKEN_IDS.items():
+        for key in keys:
+            v = parts[sub].get(key)
+            ids = v if isinstance(v, list) and key == "eos_token_id" else [v]
+            if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                fail(name(sub, key), v, "a token id (an integer >= 0)" + (" or a list of them" if key == "eos_token_id" else ""))
+    v = d.get("vision_feature_layer")
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+        fail("vision_feature_layer", v, "an integer layer index")
+    t = parts["text_config"]
+    for key in ("rope_scaling", "rope_parameters"):
+        r = t.get(key)
+        if r is None:
+            continue
+        if not isinstance(r, dict):
+            fail(f"text_config.{key}", r, "an object")
+        kind = r.get("rope_type", r.get("type", "default"))
+        if kind == "linear" and (not isinstance(r.get("factor"), (int, float)) or isinstance(r.get("factor"), bool)):
+            fail(f"text_config.{key}.factor", r.get("factor"), "a number (linear RoPE scaling)")
+        if "rope_theta" in r and (not isinstance(r["rope_theta"], (int, float)) or isinstance(r["rope_theta"], bool)):
+            fail(f"text_config.{key}.rope_theta", r["rope_theta"], "a number")
+
+
+# ---------------------------------------------------------------------- finite weights
+def check_finite(arr: np.ndarray, name: str, where: str | Path) -> float:
+    """The float64 sum of `arr` (one pass, no temporary as large as the array); CheckpointError
+    naming the tensor when it holds NaN or inf. The sum doubles as a checksum of the values."""
+    with np.errstate(all="ignore"):  # inf - inf is NaN: reported below, no warning
+        total = float(np.sum(arr, dtype=np.float64))
+    if np.isfinite(total):
+        return total
+    nan = inf = 0
+    flat = arr.reshape(-1)
+    for i in range(0, flat.size, 1 << 22):  # counted in blocks: only on the error path
+        block = flat[i:i + (1 << 22)]
+        nan += int(np.isnan(block).sum())
+        inf += int(np.isinf(block).sum())
+    if not nan and not inf:  # finite values whose sum overflows (float64 input only): not damaged
+        return total
+    found = " and ".join(f"{n} {kind} value{'s' if n > 1 else ''}" for n, kind in ((nan, "NaN"), (inf, "inf")) if n)
+    raise CheckpointError(f"tensor {name} of checkpoint {where} holds {found} (of {arr.size})",
+                          fix="the weights are damaged: re-download the checkpoint or convert it again")
+
+
 # ---------------------------------------------------------------------- reading
 def shard_files(src: str | Path) -> list[Path]:
     """The safetensors files of an HF checkpoint directory, from its index when it has one."""
@@ -225,7 +346,8 @@ def read_hf_weights(
     """Stream an HF checkpoint into a nested dict of numpy arrays in the ep_jax layout.
 
     `shapes` is the nested dict of ep_jax parameter shapes (from the abstract model). Missing,
-    unexpected and mis-shaped tensors are all collected and reported in one error.
+    unexpected and mis-shaped tensors are all collected and reported in one error; a tensor
+    holding NaN or inf is named at once (`check_finite`).
     """
     table = weight_table(cfg)
     by_name = _expand(table)
@@ -256,6 +378,8 @@ def read_hf_weights(
         else:
             target[layer] = value
         del arr, value
+        # after the cast: a float32 value too large for float16 becomes inf there
+        check_finite(target if layer is None else target[layer], name, src)
         seen.add(name)
         if progress is not None:
             progress(name)

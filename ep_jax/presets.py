@@ -14,11 +14,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ep_jax.config import LlavaConfig
+from ep_jax.errors import ConfigError
 
 
-class PresetError(ValueError):
-    pass
+class PresetError(ConfigError):
+    """A preset file that cannot be read, or a preset that does not exist."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,21 +76,17 @@ def get(name: str) -> Preset:
         raise PresetError(f"unknown preset {name!r}; known: {sorted(presets)}") from None
 
 
-def _flat_config(cfg: LlavaConfig) -> dict[str, Any]:
-    t, v = cfg.text, cfg.vision
-    return {
-        "text.num_layers": t.num_layers, "text.hidden_size": t.hidden_size, "text.vocab_size": t.vocab_size,
-        "text.num_heads": t.num_heads, "vision.image_size": v.image_size, "vision.patch_size": v.patch_size,
-        "vision.hidden_size": v.hidden_size, "image_seq_len": cfg.image_seq_len,
-    }
+def for_model(path: str | Path, cfg, family=None) -> Preset | None:
+    """The preset of a checkpoint: its own ep_preset.json or preset.json (a model shipped under
+    models/<name>/), else one of `models/*.json` whose `match` fits the config."""
+    for own in (Path(path) / "ep_preset.json", Path(path) / "preset.json"):
+        if own.exists():
+            return Preset.from_file(own)
+    if family is None:
+        from ep_jax.families import get
 
-
-def for_model(path: str | Path, cfg: LlavaConfig) -> Preset | None:
-    """The preset of a checkpoint: its own ep_preset.json, else one whose `match` fits the config."""
-    own = Path(path) / "ep_preset.json"
-    if own.exists():
-        return Preset.from_file(own)
-    flat = _flat_config(cfg)
+        family = get("llava")
+    flat = family.preset_fields(cfg)
     for preset in all_presets().values():
         if preset.match and all(flat.get(k) == v for k, v in preset.match.items()):
             return preset
@@ -108,7 +104,7 @@ def default_model_path() -> Path:
     )
 
 
-def save_measured(model_path: str | Path, cfg: LlavaConfig, preset: Preset | None, layer: int,
+def save_measured(model_path: str | Path, cfg, preset: Preset | None, layer: int,
                   profile: dict[str, Any]) -> Path:
     """Store a measured Entropy Collapse Layer (`python -m ep_jax.ecl --write-preset`).
 

@@ -145,7 +145,7 @@ class Processor:
     @classmethod
     def from_dir(cls, path: str | Path, *, image_seq_len: int | None = None, image_token: str | None = None,
                  image_processor: ImageProcessor | None = None) -> "Processor":
-        """Tokenizer (AutoTokenizer) and image settings of a checkpoint directory.
+        """Tokenizer and image settings of a checkpoint directory (`ep_jax.tokenizer.load_tokenizer`).
 
         image_seq_len defaults to `LlavaConfig.image_seq_len` of the directory's config.json.
         """
@@ -159,13 +159,9 @@ class Processor:
             from ep_jax.config import LlavaConfig
 
             image_seq_len = LlavaConfig.from_json(path / "config.json").image_seq_len
-        from transformers import AutoTokenizer
+        from ep_jax.tokenizer import load_tokenizer
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError) as e:
-            raise ProcessingError(f"cannot load a tokenizer from {str(path)!r} ({e}); the directory needs "
-                                  "tokenizer.json / tokenizer_config.json") from None
+        tokenizer = load_tokenizer(path)
         if image_processor is None:
             image_processor = ImageProcessor.from_dir(path)
         return cls(tokenizer, image_processor, image_seq_len=image_seq_len, image_token=image_token)

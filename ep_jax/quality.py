@@ -21,7 +21,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ep_jax.cli import run_cli
 from ep_jax.data import scenes
+from ep_jax.errors import InputError
+from ep_jax.files import atomic_path, check_output_dir, write_text
 
 METHODS = ("none", "entropy", "fastv", "random", "pool")
 
@@ -49,12 +52,12 @@ def _load(model):
         path = presets.default_model_path() if model is None else Path(model)
         model = load(path)
     if model.preset is None and model.path is not None:
-        model.preset = presets.for_model(model.path, model.config)
+        model.preset = presets.for_model(model.path, model.config, model.family)
     return model
 
 
 def _answer(model, samples, prune, template: str, batch: int, max_new_tokens: int, progress=None) -> list[str]:
-    from ep_jax.generate import run_generation
+    from ep_jax.runtime.api import run_generation
 
     answers: list[str] = []
     for lo in range(0, len(samples), batch):
@@ -101,15 +104,15 @@ def run_quality(
     """
     from tqdm import tqdm
 
-    from ep_jax.flops import prune_report
-    from ep_jax.prune import PruneConfig
+    from ep_jax.core.budget import PruneConfig, resolve_keep
+    from ep_jax.core.flops import prune_report
 
     model = _load(model)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {METHODS}")
+        raise InputError(f"unknown methods {unknown}; choose from {METHODS}")
     if n < 1:
-        raise ValueError(f"n={n}: need at least one question")
+        raise InputError(f"n={n}: need at least one question")
     cfg = model.config
     preset = model.preset
     template = getattr(preset, "template", None) or "llava_hf"
@@ -140,8 +143,6 @@ def run_quality(
         prune = PruneConfig(method=method, layer=layer, avg_keep=avg, seed=seed)
         answers = _answer(model, samples, prune, template, batch, max_new_tokens, bar)
         acc = _accuracy(samples, answers)
-        from ep_jax.prune import resolve_keep
-
         keep = resolve_keep(prune, num_layers, num_visual)
         rep = prune_report(cfg.text, seq_len, num_visual, layer, keep, requested_avg_keep=avg)
         rows.append({
@@ -220,15 +221,16 @@ def plot(result: dict, path: Path) -> None:
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
 
 
 def write_outputs(result: dict, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "quality.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out_dir / "quality.md").write_text(to_markdown(result))
-    plot(result, out_dir / "quality.png")
+    write_text(out_dir / "quality.json", json.dumps(result, indent=1) + "\n")
+    write_text(out_dir / "quality.md", to_markdown(result))
+    with atomic_path(out_dir / "quality.png") as tmp:
+        plot(result, tmp)
 
 
 def _ints(s: str) -> tuple[int, ...]:
@@ -246,7 +248,12 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--out", default=None, help="directory for quality.json / .md / .png")
     p.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
-    args = p.parse_args(argv)
+    return run_cli(p, _run, argv)
+
+
+def _run(args) -> int:
+    if args.out:
+        check_output_dir(args.out, "--out")
     result = run_quality(args.model, methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                          budgets=args.budgets, n=args.n, layers=args.layers, seed=args.seed,
                          out_dir=args.out, batch=args.batch)

@@ -10,7 +10,7 @@ What it builds (everything here, nothing downloaded):
 - teacher-forced training on `scenes.iterate("train", seed)`: the inputs are exactly what
   `Processor.encode(..., template="llava_hf")` produces at inference (same token ids, right
   padded), the loss covers the answer tokens and the EOS only; `extra_questions` more questions
-  about the same scene follow as later chat turns;
+  about the same scene follow as later chat turns (batches: `ep_jax/data/encoding.py`);
 - training-only supervision (dropped from the checkpoint, a plain LLaVA): a per-patch loss on
   the visual tokens (colour, shape, quadrant, object centre) and attention targets for head 0 of
   two decoder layers at the answer positions (the question's key words, then the patches of
@@ -41,20 +41,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ep_jax.cli import run_cli
 from ep_jax.config import LlavaConfig, TextConfig, VisionConfig
 from ep_jax.data import scenes
+from ep_jax.data.encoding import (
+    AUX_CLASSES, GRID, IMAGE_SIZE, IMAGE_TOKEN, PATCH, Encoder, build_tokenizer, write_preprocessor,
+)
 from ep_jax.processing import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-TEMPLATE = "llava_hf"
-IMAGE_TOKEN = "<image>"
-SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN)  # ids 0..4
-IMAGE_SIZE = 224
-PATCH = 16
-GRID = IMAGE_SIZE // PATCH
-COVERED = 0.15  # a patch belongs to an object when the object covers this much of it
-AUX_CLASSES = {"color": len(scenes.COLORS) + 1, "shape": len(scenes.SHAPES) + 1, "center": 2,
-               "quadrant": len(scenes.QUADRANTS) + 1}
-
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
@@ -103,52 +96,6 @@ class Recipe:
     sincos_positions: int = 1
 
 
-# ---------------------------------------------------------------------------- tokenizer
-def template_texts() -> list[str]:
-    """Every prompt the model is trained on, formatted with the chat template, plus answers."""
-    lines = []
-    for q in scenes.tokenizer_corpus()[: -len(scenes.ANSWERS)]:
-        for a in scenes.ANSWERS:
-            lines.append(f"USER: {IMAGE_TOKEN}\n{q} ASSISTANT: {a}")
-    return lines
-
-
-def build_tokenizer(out_dir: Path, vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(scenes.tokenizer_corpus() + template_texts(), trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        pad_token="<pad>", extra_special_tokens={"image_token": IMAGE_TOKEN},
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(out_dir)
-    return fast
-
-
-def write_preprocessor(out_dir: Path) -> None:
-    d = {
-        "image_processor_type": "CLIPImageProcessor",
-        "size": {"shortest_edge": IMAGE_SIZE},
-        "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        "do_center_crop": True, "do_normalize": True, "do_resize": True, "do_rescale": True,
-        "do_convert_rgb": True, "rescale_factor": 1 / 255, "resample": 3,
-        "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD),
-    }
-    (out_dir / "preprocessor_config.json").write_text(json.dumps(d, indent=1) + "\n")
-
-
 def model_config(r: Recipe, tokenizer) -> LlavaConfig:
     vision = VisionConfig(
         hidden_size=r.vision_width, intermediate_size=4 * r.vision_width, num_layers=r.vision_layers,
@@ -166,174 +113,6 @@ def model_config(r: Recipe, tokenizer) -> LlavaConfig:
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-
-
-# ---------------------------------------------------------------------------- batches
-class Encoder:
-    """Question/answer -> token rows identical to `Processor.encode(template="llava_hf")`,
-    answer + EOS appended, then `extra` further turns "USER: {q} ASSISTANT: {a}</s>" (the LLaVA
-    conversation format); cached per question (the question set is closed)."""
-
-    def __init__(self, processor, extra: int = 0):
-        self.proc = processor
-        self.extra = extra
-        self.eos = processor.tokenizer.eos_token_id
-        self._prompt: dict[str, list[int]] = {}
-        self._turn: dict[str, list[int]] = {}
-        self._answer: dict[str, list[int]] = {}
-        corpus = scenes.tokenizer_corpus()
-        questions, answers = corpus[: -len(scenes.ANSWERS)], scenes.ANSWERS
-        self.max_answer = max(len(self.answer(a)) for a in answers)
-        max_turn = max(len(self.turn(q)) for q in questions)
-        self.single_len = max(len(self.prompt(q)) for q in questions) + self.max_answer
-        self.seq_len = self.single_len + extra * (max_turn + self.max_answer)
-
-    def prompt(self, q: str) -> list[int]:
-        if q not in self._prompt:
-            self._prompt[q] = self.proc.tokenize(self.proc.format(q, template=TEMPLATE))
-        return self._prompt[q]
-
-    def turn(self, q: str) -> list[int]:
-        """A later turn's prompt (after the previous answer's EOS): no BOS, no image."""
-        if q not in self._turn:
-            text = self.proc.format(q, num_images=0, template=TEMPLATE)
-            self._turn[q] = self.proc.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self._turn[q]
-
-    def answer(self, a: str) -> list[int]:
-        if a not in self._answer:
-            self._answer[a] = self.proc.tokenizer(" " + a, add_special_tokens=False)["input_ids"] + [self.eos]
-        return self._answer[a]
-
-    def batch(self, samples, extra: int | None = None) -> dict[str, np.ndarray]:
-        extra = self.extra if extra is None else extra
-        b, m = len(samples), self.max_answer * (1 + extra)
-        if extra not in (0, self.extra):
-            raise ValueError(f"extra={extra}: this encoder pads for 0 or {self.extra} extra questions")
-        t = self.seq_len if extra else self.single_len
-        ids = np.full((b, t), self.proc.pad_token_id, np.int32)
-        mask = np.zeros((b, t), bool)
-        pos = np.zeros((b, m), np.int32)  # rows whose logits predict the answer tokens
-        labels = np.zeros((b, m), np.int32)
-        weight = np.zeros((b, m), np.float32)
-        starts = []  # per sample and turn: (answer slots, question, prompt start, prompt end)
-        for i, s in enumerate(samples):
-            starts.append([])
-            row, k = [], 0
-            for j, (question, answer) in enumerate([(s.question, s.answer)] + extra_questions(s, extra)):
-                prompt = self.prompt(question) if j == 0 else self.turn(question)
-                a = self.answer(answer)
-                starts[-1].append((range(k, k + len(a) - 1), question, len(row), len(row) + len(prompt)))
-                row += prompt
-                pos[i, k : k + len(a)] = np.arange(len(row) - 1, len(row) - 1 + len(a))
-                labels[i, k : k + len(a)] = a
-                weight[i, k : k + len(a)] = 1.0
-                row += a
-                k += len(a)
-            ids[i, : len(row)] = row
-            mask[i, : len(row)] = True
-        images = np.stack([s.image for s in samples])
-        out = {"input_ids": ids, "attention_mask": mask, "images": images, "pos": pos,
-               "labels": labels, "weight": weight}
-        covers = [scenes.object_coverage(s.objects, IMAGE_SIZE, GRID) if s.objects else None for s in samples]
-        out.update(patch_targets(samples, covers))
-        out.update(self.attention_targets(samples, covers, ids, m, starts))
-        return out
-
-    def attention_targets(self, samples, covers, ids, m, starts) -> dict[str, np.ndarray]:
-        """Target attentions [b, m, t] of the positions predicting each answer's tokens (not its
-        EOS; `attn_on` [b, m] marks those; `starts[i]`: (answer slots, question, prompt start,
-        prompt end) per turn): over the evidence (`attn_target`) and over the question's key
-        words (`word_target`), see `Recipe.attn_weight`; other rows are zero."""
-        b = len(samples)
-        target = np.zeros((b, m, ids.shape[1]), np.float32)
-        words = np.zeros((b, m, ids.shape[1]), np.float32)
-        on = np.zeros((b, m), np.float32)
-        image_id = self.proc.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        for i, s in enumerate(samples):
-            image_rows = np.flatnonzero(ids[i] == image_id)
-            for slots, question, lo, hi in starts[i]:
-                w = np.zeros(ids.shape[1], np.float32)
-                for word in scenes.key_words(question):
-                    w[lo + _find(ids[i, lo:hi], self.word(word))] = 1.0
-                hits, counting = scenes.referents(question, s.objects)
-                t = np.zeros(ids.shape[1], np.float32)
-                if counting or not hits:
-                    t[0] = 1.0  # BOS
-                for h in hits:
-                    if counting:
-                        t[image_rows[_centre_patch(s.objects[h])]] = 1.0
-                    else:
-                        t[image_rows[np.flatnonzero(covers[i][h].reshape(-1) >= COVERED)]] = 1.0
-                target[i, slots], words[i, slots], on[i, slots] = t / t.sum(), w / w.sum(), 1.0
-        return {"attn_target": target, "word_target": words, "attn_on": on}
-
-    def word(self, w: str) -> list[int]:
-        """Token ids of `w` inside a question (after a space)."""
-        return self.proc.tokenizer(" " + w, add_special_tokens=False)["input_ids"]
-
-
-def _find(row: np.ndarray, word: list[int]) -> np.ndarray:
-    """Indices in `row` of the first occurrence of the token sequence `word`."""
-    for j in range(len(row) - len(word) + 1):
-        if list(row[j : j + len(word)]) == word:
-            return np.arange(j, j + len(word))
-    raise ValueError(f"tokens {word} not found in {row.tolist()}")
-
-
-def extra_questions(sample, n: int) -> list[tuple[str, str]]:
-    """`n` further questions about `sample`'s scene, deterministic per sample, none asked twice
-    (nor the sample's own): a question type uniformly among those left, then yes/no evenly for
-    existence, then one question uniformly. Fewer when the scene runs out of questions."""
-    if n == 0:
-        return []
-    rng = np.random.default_rng([17, sample.seed, sample.index])
-    pools: dict[str, list[tuple[str, str]]] = {}
-    for q, a, qtype in scenes.scene_questions(sample.objects, sample.image.shape[0]):
-        if q != sample.question:
-            pools.setdefault(f"exist-{a}" if qtype == "exist" else qtype, []).append((q, a))
-    out = []
-    while len(out) < n and pools:
-        kinds = sorted({k.split("-")[0] for k in pools})
-        kind = kinds[rng.integers(len(kinds))]
-        if kind == "exist":
-            options = [k for k in ("exist-yes", "exist-no") if k in pools]
-            kind = options[rng.integers(len(options))]
-        out.append(pools[kind].pop(rng.integers(len(pools[kind]))))
-        if not pools[kind]:
-            del pools[kind]
-    return out
-
-
-def patch_targets(samples, covers=None) -> dict[str, np.ndarray]:
-    """Per-patch labels [b, GRID*GRID] for the auxiliary loss: colour and shape of the object
-    covering the patch (0 = none, else 1 + index into scenes.COLORS / SHAPES), the patch's
-    quadrant on object patches (1 + index into scenes.QUADRANTS), and 1 where an object's centre
-    lies (so counting reduces to counting flagged patches). `covers`: each sample's
-    `scenes.object_coverage`, when already computed."""
-    colors, shapes = list(scenes.COLORS), list(scenes.SHAPES)
-    centres = (np.arange(GRID) + 0.5) * PATCH  # each patch's quadrant, from its centre
-    quadrant = np.array([[1 + scenes.QUADRANTS.index(scenes.quadrant_of(x, y, IMAGE_SIZE)) for x in centres]
-                         for y in centres])
-    out = {f"aux_{k}": np.zeros((len(samples), GRID * GRID), np.int32) for k in AUX_CLASSES}
-    for i, s in enumerate(samples):
-        if not s.objects:
-            continue
-        cov = scenes.object_coverage(s.objects, IMAGE_SIZE, GRID) if covers is None else covers[i]
-        best, on = cov.argmax(0), cov.max(0) >= COVERED
-        color_of = np.array([1 + colors.index(o.color) for o in s.objects])
-        shape_of = np.array([1 + shapes.index(o.shape) for o in s.objects])
-        out["aux_color"][i] = np.where(on, color_of[best], 0).reshape(-1)
-        out["aux_shape"][i] = np.where(on, shape_of[best], 0).reshape(-1)
-        out["aux_quadrant"][i] = np.where(on, quadrant, 0).reshape(-1)
-        out["aux_center"][i, [_centre_patch(o) for o in s.objects]] = 1
-    return out
-
-
-def _centre_patch(obj) -> int:
-    """Row-major index of the patch that holds `obj`'s centre."""
-    col, row = (min(int(c // PATCH), GRID - 1) for c in obj.center)
-    return row * GRID + col
 
 
 def _producer(split: str, seed: int, start: int, batch: int, count: int, encoder: Encoder, out: queue.Queue):
@@ -359,20 +138,21 @@ def training_forward(graphdef, params, batch, attn_layers: tuple[int, ...] = ())
     KV cache)."""
     from flax import nnx
 
-    from ep_jax.nn.llava import _causal, prompt_layout
+    from ep_jax.runtime.prefill import causal_mask, run_segment, sequence_rows
 
     model = nnx.merge(graphdef, params)
     feats = model.image_features(normalize(batch["images"]))
-    x = model.embed_inputs(batch["input_ids"], feats)
-    valid, positions, rows = prompt_layout(batch["attention_mask"])
-    mask = _causal(rows, valid)
+    x = model.merge(batch["input_ids"], feats)
+    positions = model.embed_inputs({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})[1]
+    valid = batch["attention_mask"].astype(bool)
+    mask = causal_mask(sequence_rows(valid), valid)
     log_attn, h, done = {}, x, 0
     for layer in sorted(set(attn_layers)):  # run up to each supervised layer, read its head 0
         if layer > done:
-            h, *_ = model._run_segment(done, layer, h, positions, mask, collect=False)
+            h, *_ = run_segment(model, done, layer, h, positions, mask)
         done = layer
         log_attn[layer] = _head0_log_attention(model, layer, h, positions, mask, batch["pos"])
-    h, *_ = model._run_segment(done, model.cfg.text.num_layers, h, positions, mask, collect=False)
+    h, *_ = run_segment(model, done, model.cfg.text.num_layers, h, positions, mask)
     h = jnp.take_along_axis(h, batch["pos"][..., None], axis=1)
     return model.logits(h), feats, log_attn
 
@@ -505,7 +285,8 @@ def train(out: Path, r: Recipe, minutes: float | None = None, progress: bool = T
     from flax import nnx
     from tqdm import tqdm
 
-    from ep_jax.checkpoint import init_model
+    from ep_jax.families.llava import FAMILY
+    from ep_jax.runtime.model import init_model
     from ep_jax.processing import ImageProcessor, Processor
 
     t_start = time.time()
@@ -515,10 +296,10 @@ def train(out: Path, r: Recipe, minutes: float | None = None, progress: bool = T
     cfg = model_config(r, tokenizer)
     proc = Processor(tokenizer, ImageProcessor.from_dir(out), image_seq_len=cfg.image_seq_len)
     encoder = Encoder(proc, r.extra_questions)
-    model = init_model(cfg, jnp.float32, seed=r.seed)
+    model = init_model(FAMILY, cfg, jnp.float32, seed=r.seed)
     graphdef, params = model.graphdef, model.state
     if r.sincos_positions:
-        params["vision"]["pos"].value = jnp.asarray(sincos_positions(GRID, cfg.vision.hidden_size))
+        params["vision"]["pos"][...] = jnp.asarray(sincos_positions(GRID, cfg.vision.hidden_size))
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
     print(f"model: {n_params / 1e6:.2f}M params, vocab {cfg.text.vocab_size}, seq {encoder.seq_len}, "
           f"{cfg.image_seq_len} visual tokens", file=sys.stderr)
@@ -580,7 +361,10 @@ def train(out: Path, r: Recipe, minutes: float | None = None, progress: bool = T
     if save:
         from ep_jax.checkpoint import save as save_ckpt
 
-        save_ckpt(cfg, nnx.to_pure_dict(params["model"]), out, hf_config=cfg.to_hf_dict())
+        # out/ already holds the tokenizer and preprocessor written above (copied along), and a
+        # shipped model's preset.json, which stays.
+        save_ckpt(cfg, nnx.to_pure_dict(params["model"]), out, src=out, hf_config=cfg.to_hf_dict(),
+                  overwrite=True, keep=("preset.json",), family="llava")
         (out / "train_log.json").write_text(json.dumps(result, indent=1) + "\n")
         (out / "MODEL_CARD.md").write_text(model_card(out.name, result, cfg))
     return result
@@ -649,7 +433,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override another Recipe field (e.g. --set text_layers=4)")
-    args = p.parse_args(argv)
+    return run_cli(p, lambda args: _run(p, args), argv)
+
+
+def _run(p: argparse.ArgumentParser, args) -> int:
     kw = {"seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr}
     types = {f.name: f.type for f in dataclasses.fields(Recipe)}
     for item in args.set:

@@ -1,10 +1,18 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Compiled programs go to a cache of this test session only (shared with the subprocesses the
+# CLI tests start), never to the user's ~/.cache/ep_jax.
+if "EP_JAX_COMPILATION_CACHE" not in os.environ:
+    os.environ["EP_JAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="ep_jax-test-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["EP_JAX_COMPILATION_CACHE"], ignore_errors=True)
 sys.path.insert(0, str(Path(__file__).parent))
 
 import jax  # noqa: E402

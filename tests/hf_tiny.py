@@ -61,7 +61,10 @@ def tiny_config_dict(
     image_size: int = 32,
     patch_size: int = 8,
     head_dim: int | None = None,
+    text_extra: dict | None = None,
 ) -> dict:
+    """The config.json of a tiny LLaVA; `text_extra` adds or overrides text_config entries
+    (e.g. attention_bias, mlp_bias, rope_scaling)."""
     text = {
         "model_type": "llama",
         "vocab_size": vocab_size,
@@ -79,6 +82,8 @@ def tiny_config_dict(
     }
     if head_dim is not None:
         text["head_dim"] = head_dim
+    if text_extra:
+        text.update(text_extra)
     return {
         "model_type": "llava",
         "vision_config": {

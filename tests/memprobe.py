@@ -14,6 +14,7 @@ def write_random_checkpoint(dst: Path, text_layers=8, hidden=512, vocab=32000, s
     from ep_jax import hf
     from ep_jax.checkpoint import _shapes, abstract_model
     from ep_jax.config import LlavaConfig
+    from ep_jax.families import get as get_family
 
     hf_cfg = {
         "model_type": "llava",
@@ -25,7 +26,7 @@ def write_random_checkpoint(dst: Path, text_layers=8, hidden=512, vocab=32000, s
         "image_token_index": 5,
     }
     cfg = LlavaConfig.from_hf_dict(hf_cfg)
-    _, state = abstract_model(cfg, np.float32)
+    _, state = abstract_model(get_family("llava"), cfg, np.float32)
     shapes = _shapes(state)
     rng = np.random.default_rng(0)
     params = {}

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from ep_jax import bench, bench_compile, bench_setup, bench_speed
-from ep_jax.flops import kv_cache_bytes, prefill_flops
-from ep_jax.prune import budget
+from ep_jax.core.flops import kv_cache_bytes, prefill_flops
+from ep_jax.core.budget import budget
 
 ROW_FIELDS = {
     "method", "budget", "avg_keep", "effective_avg_keep", "keep", "layer", "tokens_after_prune", "compile_s",
@@ -119,7 +119,7 @@ def test_analytic_llava_7b_matches_hand_computation():
     assert [b.keep for b in bench_setup.resolve_budgets([192, 128, 64], cfg, 2)] == [166, 98, 29]
     seq, n = 640, 576
 
-    def layer(tokens):  # ALGORITHM.md §6, the reference formula: 8nD² + 4n²D + 6nDM
+    def layer(tokens):  # docs/ALGORITHM.md §6, the reference formula: 8nD² + 4n²D + 6nDM
         return 8 * tokens * 4096**2 + 4 * tokens**2 * 4096 + 6 * tokens * 4096 * 11008
 
     assert layer(640) == 265_751_101_440  # by hand: 640·404_750_336 + 640²·16_384

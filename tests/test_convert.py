@@ -142,7 +142,9 @@ def test_not_a_checkpoint(tmp_path):
 
 def test_conversion_streams_tensors(tmp_path):
     """Peak memory of a conversion stays near one copy of the model (not shards + stacked
-    parameters + serialisation copies of everything at once)."""
+    parameters + serialisation copies of everything at once): measured +1.08x with the format-3
+    writer (one orbax checkpoint of numpy views, uncompressed), +1.42-1.59x with format 2's
+    writer; orbax's default numpy handler and compression would add about one more model."""
     from memprobe import write_random_checkpoint
 
     size = write_random_checkpoint(tmp_path / "hf", text_layers=6, hidden=512, vocab=16000)
@@ -151,5 +153,5 @@ def test_conversion_streams_tensors(tmp_path):
     base, peak = map(float, r.stdout.split())
     ratio = (peak - base) * 2**20 / size
     print(f"model {size / 2**20:.0f} MiB, conversion peak +{peak - base:.0f} MiB ({ratio:.2f}x)")
-    assert ratio < 1.8, ratio
+    assert ratio < 1.45, ratio
     assert ep_jax.load(tmp_path / "ep").config.text.num_layers == 6

@@ -16,10 +16,11 @@ from flax import nnx
 from PIL import Image
 
 import ep_jax
-from ep_jax import ecl, presets
-from ep_jax.checkpoint import with_layout
-from ep_jax.entropy import set_entropy, token_entropy
-from ep_jax.generate import compile_stats
+from ep_jax import presets
+from ep_jax.analysis import ecl, ecl_report
+from ep_jax.runtime.model import with_layout
+from ep_jax.core.entropy import set_entropy, token_entropy
+from ep_jax.runtime.engine import compile_stats
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -136,7 +137,7 @@ def _slow_profile(model, input_ids, pixel_values, attention_mask, levels):
         out, _, proj = nnx.merge(graphdef, layer_state)(x, positions, causal)
         return out, proj.query
 
-    embed = jax.jit(lambda ids, px: module.embed_inputs(ids, module.image_features(px)))
+    embed = jax.jit(lambda ids, px: module.merge(ids, module.image_features(px)))
     entropy = jax.jit(set_entropy)
     scores_of = jax.jit(lambda q: token_entropy(q.reshape(q.shape[0], -1), cfg.text.num_heads))
     ents, means, quants, states = [], [], [], []
@@ -160,7 +161,7 @@ def _slow_profile(model, input_ids, pixel_values, attention_mask, levels):
 
 
 def _numpy_set_entropy(h: np.ndarray) -> float:
-    """Independent float64 reference of ALGORITHM.md §3 (token side, N < D here or not)."""
+    """Independent float64 reference of docs/ALGORITHM.md §3 (token side, N < D here or not)."""
     h = h - h.mean(0)
     lam = np.linalg.eigvalsh(h @ h.T / len(h)) if len(h) <= h.shape[1] else np.linalg.eigvalsh(h.T @ h / len(h))
     lam = lam[lam > lam.max() * 1e-9]
@@ -219,13 +220,13 @@ def test_profile_needs_an_image(tiny_model):
 def _marker_pixels(png: Path, layer: int, num_layers: int):
     """Pure-red pixels of each axes' rows: (expected column, red column indices, counts, rows)."""
     img = np.asarray(Image.open(png).convert("RGB")).astype(int)
-    w, h = int(ecl.FIG_SIZE[0] * ecl.FIG_DPI), int(ecl.FIG_SIZE[1] * ecl.FIG_DPI)
+    w, h = int(ecl_report.FIG_SIZE[0] * ecl_report.FIG_DPI), int(ecl_report.FIG_SIZE[1] * ecl_report.FIG_DPI)
     assert img.shape == (h, w, 3)
     red = (img[..., 0] == 255) & (img[..., 1] == 0) & (img[..., 2] == 0)
-    left, _, width, _ = ecl.AXES_TOP
-    expected = (left + width * (ecl.marker_x(layer) + 0.5) / (num_layers + 1)) * w
+    left, _, width, _ = ecl_report.AXES_TOP
+    expected = (left + width * (ecl_report.marker_x(layer) + 0.5) / (num_layers + 1)) * w
     out = []
-    for _, bottom, _, height in (ecl.AXES_TOP, ecl.AXES_BOTTOM):
+    for _, bottom, _, height in (ecl_report.AXES_TOP, ecl_report.AXES_BOTTOM):
         rows = slice(int((1 - bottom - height) * h) + 2, int((1 - bottom) * h) - 2)
         counts = red[rows].sum(0)
         out.append((counts, rows.stop - rows.start))
@@ -243,7 +244,7 @@ def test_plot_marks_the_ecl_column(tmp_path):
     )
     r = ecl.find_ecl(prof)
     assert r.layer == 2
-    png = ecl.plot_profile(prof, r, tmp_path / "p.png")
+    png = ecl_report.plot_profile(prof, r, tmp_path / "p.png")
     expected, red, axes = _marker_pixels(png, 2, L)
     for counts, height in axes:
         cols = np.nonzero(counts > 0.5 * height)[0]
@@ -253,7 +254,7 @@ def test_plot_marks_the_ecl_column(tmp_path):
     # no collapse: no red marker at all
     flat = ecl.EntropyProfile(np.full((1, L + 1), 0.7), prof.score_mean[:1], prof.score_quantiles[:1],
                               ecl.DEFAULT_QUANTILES, 576)
-    png = ecl.plot_profile(flat, ecl.find_ecl(flat), tmp_path / "flat.png")
+    png = ecl_report.plot_profile(flat, ecl.find_ecl(flat), tmp_path / "flat.png")
     assert _marker_pixels(png, 2, L)[1].sum() == 0
 
 

@@ -1,4 +1,4 @@
-"""Matrix entropy (ALGORITHM.md §2, §3) against an independent float64 NumPy reference."""
+"""Matrix entropy (docs/ALGORITHM.md §2, §3) against an independent float64 NumPy reference."""
 
 import functools
 import math
@@ -10,12 +10,24 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from ep_jax.entropy import set_entropy, token_entropy
+from ep_jax.core.entropy import set_entropy, token_entropy
+
+
+# Float32 scores against float64, per score: |E32 - E64| / scale, with scale = Σ|λ ln λ| / ln H
+# (= |E| unless the terms of E cancel; round-off in λ moves E by about eps·scale, so a score
+# that crosses zero through cancellation is not held to a tolerance relative to its own tiny
+# value). Measured on this file's inputs (CPU, jit or not): at most 4.1e-6 (h4_d16, one token
+# with E = 0.03 and a 12x larger scale; its error relative to |E| is 5e-5), at most 1.0e-6 on
+# the 32-head and GQA cases and on the 576-token sets below; 2e-7 with trace normalisation.
+F32_TOL = 1e-5
 
 
 # --------------------------------------------------------------------------- references
-def np_token_entropy(states, num_heads, dim_scale=128, trace_normalize=False):
-    """Independent float64 reference: eigenvalues of Z Zᵀ / H from the singular values of Z."""
+def np_token_entropy(states, num_heads, dim_scale=128, trace_normalize=False, return_scale=False):
+    """Independent float64 reference: eigenvalues of Z Zᵀ / H from the singular values of Z.
+
+    With `return_scale`, also Σ|λ ln λ| / ln H per token (the magnitude F32_TOL is relative to).
+    """
     states = np.asarray(states, np.float64)
     lead, width = states.shape[:-1], states.shape[-1]
     z = states.reshape(-1, num_heads, width // num_heads)
@@ -28,7 +40,9 @@ def np_token_entropy(states, num_heads, dim_scale=128, trace_normalize=False):
     lam = np.maximum(lam, 1e-10)
     if trace_normalize:
         lam = lam / lam.sum(-1, keepdims=True)
-    return (-(lam * np.log(lam)).sum(-1) / np.log(num_heads)).reshape(lead)
+    terms = lam * np.log(lam) / np.log(num_heads)
+    entropy = -terms.sum(-1).reshape(lead)
+    return (entropy, np.abs(terms).sum(-1).reshape(lead)) if return_scale else entropy
 
 
 def np_set_entropy(tokens, trace_normalize=True):
@@ -57,6 +71,12 @@ def realistic_states(rng, num_tokens, num_heads, head_dim, rank=16, noise=0.3):
 def rel_err(actual, expected):
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
+
+
+def score_err(actual, expected, scale):
+    """Largest per-score error relative to each score's own magnitude `scale` (see F32_TOL)."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.max(np.abs(actual - expected) / np.asarray(scale)))
 
 
 def llama_rope(x, positions, theta=10000.0):
@@ -89,9 +109,10 @@ class TokenEntropyTest(chex.TestCase):
         scores = fn(jnp.asarray(states).reshape(2, 24, -1))
         chex.assert_shape(scores, (2, 24))
         assert scores.dtype == jnp.float32
-        expected = np_token_entropy(states, num_heads).reshape(2, 24)
-        err = rel_err(scores, expected)
-        assert err <= 1e-3, err
+        expected, scale = np_token_entropy(states, num_heads, return_scale=True)
+        expected, scale = expected.reshape(2, 24), scale.reshape(2, 24)
+        err = score_err(scores, expected, scale)
+        assert err <= F32_TOL, err
         # Scores must actually differ between tokens, else agreement is meaningless.
         assert np.std(expected) > 1e-2
 
@@ -114,11 +135,11 @@ class TokenEntropyTest(chex.TestCase):
         states = realistic_states(np.random.default_rng(3), 30, 32, 128)
         fn = self.variant(functools.partial(token_entropy, num_heads=32, trace_normalize=True))
         scores = np.asarray(fn(jnp.asarray(states)))
-        assert rel_err(scores, np_token_entropy(states, 32, trace_normalize=True)) <= 1e-4
+        np.testing.assert_allclose(scores, np_token_entropy(states, 32, trace_normalize=True), rtol=F32_TOL)
         assert np.all((scores > 0) & (scores <= 1))
         # Normalised: scale-free. Reference default: scale-dependent.
         scaled = np.asarray(fn(jnp.asarray(3 * states)))
-        np.testing.assert_allclose(scaled, scores, rtol=1e-4)
+        np.testing.assert_allclose(scaled, scores, rtol=F32_TOL)
         raw = token_entropy(jnp.asarray(states), 32)
         raw_scaled = token_entropy(jnp.asarray(3 * states), 32)
         assert np.max(np.abs(raw - raw_scaled)) > 0.1
@@ -128,7 +149,7 @@ class TokenEntropyTest(chex.TestCase):
         states = 10 * realistic_states(np.random.default_rng(4), 8, 32, 128)
         scores = np.asarray(token_entropy(jnp.asarray(states), 32))
         assert np.all(scores < 0)
-        np.testing.assert_allclose(scores, np_token_entropy(states, 32), rtol=1e-4)
+        np.testing.assert_allclose(scores, np_token_entropy(states, 32), rtol=F32_TOL)  # measured 2e-7
 
     def test_vmap_and_leading_axes(self):
         states = jnp.asarray(realistic_states(np.random.default_rng(5), 24, 8, 64)).reshape(2, 3, 4, 512)
@@ -196,7 +217,8 @@ def test_float32_vs_float64_top_r_agreement():
         with jax.enable_x64(True):
             e64 = np.asarray(token_entropy(jnp.asarray(states), num_heads, precision="float64"))
         max_abs = float(np.max(np.abs(e32 - e64)))
-        assert rel_err(e32, e64) <= 1e-3
+        _, scale = np_token_entropy(states, num_heads, return_scale=True)
+        assert score_err(e32, e64, scale) <= F32_TOL, name
         for keep in (166, 98, 29):
             top32 = set(np.argsort(-e32, kind="stable")[:keep].tolist())
             top64 = set(np.argsort(-e64, kind="stable")[:keep].tolist())
@@ -218,14 +240,6 @@ def test_float32_vs_float64_top_r_agreement():
 
 
 # --------------------------------------------------------------------------- set entropy / dual Gram
-def test_dual_gram_share_nonzero_eigenvalues():
-    z = jnp.asarray(np.random.default_rng(7).normal(size=(32, 128)))
-    small = np.asarray(jnp.linalg.eigvalsh(z @ z.T))
-    large = np.asarray(jnp.linalg.eigvalsh(z.T @ z))
-    np.testing.assert_allclose(np.sort(small), np.sort(large)[-32:], rtol=1e-4)
-    assert np.max(np.abs(np.sort(large)[:-32])) <= 1e-3 * small.max()
-
-
 def _low_rank_set(rng, batch, n, d, rank=8, noise=0.1):
     x = rng.normal(size=(batch, n, rank)) @ rng.normal(size=(rank, d)) + noise * rng.normal(size=(batch, n, d))
     return jnp.asarray(x, jnp.float32)

@@ -1,11 +1,11 @@
-"""Analytic FLOPs / KV bytes against hand computations for LLaVA-1.5-7B (ALGORITHM.md §6)."""
+"""Analytic FLOPs / KV bytes against hand computations for LLaVA-1.5-7B (docs/ALGORITHM.md §6)."""
 
 import dataclasses
 
 import pytest
 
 from ep_jax.config import TextConfig
-from ep_jax.flops import (
+from ep_jax.core.flops import (
     PruneReport,
     flops_reduction,
     kv_cache_bytes,

@@ -8,7 +8,7 @@ import torch
 from conftest import photo
 
 import ep_jax
-from ep_jax.generate import compile_stats
+from ep_jax.runtime.engine import compile_stats
 
 
 @pytest.mark.parametrize("name", ["mha", "gqa"])
@@ -32,12 +32,14 @@ def test_decode_logits_match_teacher_forced_transformers(tiny_dirs, tiny_model):
     enc = model.processor.encode(["Describe the photo."], [photo("coffee")], bucket_sizes=None)
     rng = np.random.default_rng(0)
     forced = rng.integers(5, model.config.text.vocab_size, size=6).astype(np.int32)
+    from ep_jax.runtime.prefill import decode, prefill
+
     module = model.module
-    res = module.prefill(jnp.asarray(enc["input_ids"]), jnp.asarray(enc["pixel_values"]),
-                         jnp.asarray(enc["attention_mask"]), None, decode_room=8)
+    inputs, spans = model.family.inputs(model.config, enc["input_ids"], enc["pixel_values"], enc["attention_mask"])
+    res = prefill(module, inputs, spans, None, decode_room=8)
     cache, got = res.cache, [np.asarray(module.logits(res.hidden[:, -1]))[0]]
     for tok in forced:
-        logits, cache = module.decode(jnp.asarray([tok]), cache)
+        logits, cache = decode(module, jnp.asarray([tok]), cache)
         got.append(np.asarray(logits)[0])
     full = np.concatenate([enc["input_ids"][0], forced])[None]
     with torch.no_grad():
@@ -71,7 +73,7 @@ def test_streaming_and_sampling(tiny_model):
 
 
 def test_sampling_filters():
-    from ep_jax.sampling import sample
+    from ep_jax.runtime.sampling import sample
 
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
     keys = jax.random.split(jax.random.key(0), 400)
@@ -98,7 +100,7 @@ def test_new_prompt_of_same_bucket_does_not_recompile(tiny_model):
 
 
 def test_prompt_too_long_is_a_clear_error(tiny_model):
-    from ep_jax.generate import InputError
+    from ep_jax.errors import InputError
     from ep_jax.processing import ProcessingError
 
     model = tiny_model("mha")

@@ -11,8 +11,9 @@ from torch_reference import pruned_greedy
 import ep_jax
 from ep_jax import PruneConfig
 from ep_jax.bench_setup import get_config
-from ep_jax.checkpoint import resolve_layout, with_layout
-from ep_jax.generate import _prefill, resolve_stage
+from ep_jax.families.llava import FAMILY as LLAVA
+from ep_jax.runtime.model import resolve_layout, with_layout
+from ep_jax.runtime.api import prefill_logits, prepare
 
 PROMPTS = ["Hi?", "What is in the image? Describe the photo in detail please."]
 IMAGES = ["chelsea", "astronaut"]
@@ -56,9 +57,10 @@ def test_per_layer_greedy_matches_pytorch_reference(tiny_dirs):
 def test_per_layer_cache_has_one_buffer_per_layer(both):
     stacked, per_layer = both
     enc = stacked.processor.encode(PROMPTS[:1], [photo()], bucket_sizes=None)
-    args = (enc["input_ids"], enc["pixel_values"], enc["attention_mask"].astype(bool))
-    stage = resolve_stage(stacked, PruneConfig(layer=2, keep=6), stacked.config.image_seq_len)
-    prefill = lambda m: _prefill(m.graphdef, m.state, *args, stage=stage, decode_room=4, all_logits=False)  # noqa: E731
+    inputs, spans, stage, extra = prepare(stacked, enc["input_ids"], enc["pixel_values"], enc["attention_mask"],
+                                          prune=PruneConfig(layer=2, keep=6))
+    prefill = lambda m: prefill_logits(m.graphdef, m.state, inputs, spans, extra, stage=stage,  # noqa: E731
+                                       decode_room=4, all_logits=False)
     caches = [prefill(m)[1].cache for m in (stacked, per_layer)]
     for seg_s, seg_p, (lo, hi) in zip(caches[0].segments, caches[1].segments, caches[0].bounds):
         assert isinstance(seg_p.keys, tuple) and len(seg_p.keys) == hi - lo
@@ -82,8 +84,8 @@ def test_params_come_back_stacked_and_layouts_round_trip(both):
 
 def test_auto_layout_depends_on_backend_and_layer_size():
     on_cpu = jax.default_backend() == "cpu"
-    assert resolve_layout("auto", get_config("tiny"), jnp.float32) == "stacked"  # 0.16 MiB layers
-    assert resolve_layout("auto", get_config("1b"), jnp.float32) == ("per_layer" if on_cpu else "stacked")
-    assert resolve_layout("stacked", get_config("1b"), jnp.float32) == "stacked"
+    assert resolve_layout("auto", LLAVA, get_config("tiny"), jnp.float32) == "stacked"  # 0.16 MiB layers
+    assert resolve_layout("auto", LLAVA, get_config("1b"), jnp.float32) == ("per_layer" if on_cpu else "stacked")
+    assert resolve_layout("stacked", LLAVA, get_config("1b"), jnp.float32) == "stacked"
     with pytest.raises(ValueError, match="choose one of auto, stacked, per_layer"):
-        resolve_layout("unrolled", get_config("tiny"), jnp.float32)
+        resolve_layout("unrolled", LLAVA, get_config("tiny"), jnp.float32)

@@ -89,7 +89,7 @@ def test_image_features_go_to_each_examples_own_slots(tiny_model):
 
 
 def test_bad_inputs_give_clear_errors(tiny_model):
-    from ep_jax.generate import InputError
+    from ep_jax.errors import InputError
 
     model = tiny_model("mha")
     enc = model.processor.encode(["hi"], [photo()])
@@ -105,9 +105,11 @@ def test_compile_time_does_not_grow_with_depth():
     """Layers run in a scan: the lowered program has one loop body however deep the model."""
     import jax
 
-    from ep_jax.checkpoint import abstract_model
     from ep_jax.config import LlavaConfig, TextConfig, VisionConfig
-    from ep_jax.generate import _prefill
+    from ep_jax.core.spans import VisualSpans
+    from ep_jax.families.llava import FAMILY
+    from ep_jax.runtime.api import prefill_logits
+    from ep_jax.runtime.model import abstract_model
 
     sizes = {}
     for layers in (2, 8):
@@ -117,10 +119,13 @@ def test_compile_time_does_not_grow_with_depth():
                             num_kv_heads=4, head_dim=16),
             image_token_id=5,
         )
-        graphdef, state = abstract_model(cfg, jnp.float32)
-        ids = jax.ShapeDtypeStruct((1, 32), jnp.int32)
-        px = jax.ShapeDtypeStruct((1, 3, 32, 32), jnp.float32)
-        mask = jax.ShapeDtypeStruct((1, 32), jnp.bool_)
-        fn = jax.jit(lambda s, i, p, m: _prefill(graphdef, s, i, p, m, stage=None, decode_room=0, all_logits=True))
-        sizes[layers] = len(fn.lower(state, ids, px, mask).as_text())
+        graphdef, state = abstract_model(FAMILY, cfg, jnp.float32)
+        sds = jax.ShapeDtypeStruct
+        inputs = {"input_ids": sds((1, 32), jnp.int32), "pixel_values": sds((1, 3, 32, 32), jnp.float32),
+                  "attention_mask": sds((1, 32), jnp.bool_)}
+        spans = VisualSpans(*(sds((1, 16), t) for t in (jnp.int32, jnp.bool_, jnp.int32)),
+                            sds((1, 16, 3), jnp.int32), sds((1, 16, 3), jnp.int32))
+        fn = jax.jit(lambda s, i, sp: prefill_logits(graphdef, s, i, sp, None, stage=None, decode_room=0,
+                                                     all_logits=True))
+        sizes[layers] = len(fn.lower(state, inputs, spans).as_text())
     assert abs(sizes[8] - sizes[2]) < 0.02 * sizes[2], sizes

@@ -1,4 +1,4 @@
-"""Pruning policy (ALGORITHM.md §4, §5, §7): budget, scorers and static-shape selection."""
+"""Pruning policy (docs/ALGORITHM.md §4, §5, §7): budget, scorers and static-shape selection."""
 
 import dataclasses
 import functools
@@ -11,18 +11,10 @@ import numpy as np
 import pytest
 from absl.testing import parameterized
 
-from ep_jax.prune import (
-    SCORERS,
-    PruneConfig,
-    ScoreInputs,
-    budget,
-    effective_avg,
-    gather_rows,
-    pool_scores,
-    resolve_keep,
-    score,
-    select_kept,
-)
+from ep_jax.core.budget import PruneConfig, budget, effective_avg, keep_per_example, ratio_budget, resolve_keep
+from ep_jax.core.scorers import SCORERS, ScoreInputs, pool_scores, pool_spans_scores, score
+from ep_jax.core.select import gather_rows, select_kept
+from ep_jax.core.spans import ImageSlots, build_spans
 from test_entropy import llama_rope, np_token_entropy, realistic_states
 
 
@@ -113,6 +105,19 @@ def np_select_kept(scores, visual_positions, visual_valid, seq_len, keep):
     return np.asarray(kept)
 
 
+def _select(scores, visual_positions, visual_valid, seq_len, keep):
+    """`select_kept` with one R for the batch and the padded slots pointing at padding tokens:
+    the rows are `seq_len - n + keep` (every padding row kept)."""
+    vp, vv = np.asarray(visual_positions), np.asarray(visual_valid)
+    token_valid = np.ones((vp.shape[0], seq_len), bool)
+    for i in range(vp.shape[0]):
+        token_valid[i, np.setdiff1d(vp[i][~vv[i]], vp[i][vv[i]])] = False
+    keep_b = jnp.full((vp.shape[0],), keep, jnp.int32)
+    kept, _ = select_kept(jnp.asarray(scores), jnp.asarray(vp), jnp.asarray(vv), jnp.asarray(token_valid), keep_b,
+                          seq_len - vp.shape[1] + keep)
+    return kept
+
+
 def _selection_case(seed=0):
     rng = np.random.default_rng(seed)
     b, seq_len, n = 3, 24, 8
@@ -133,8 +138,9 @@ class SelectKeptTest(chex.TestCase):
     @parameterized.parameters(0, 1, 3, 5, 8)
     def test_matches_numpy_reference(self, keep):
         scores, visual_positions, visual_valid, seq_len = _selection_case()
-        fn = self.variant(functools.partial(select_kept, seq_len=seq_len, keep=keep))
-        kept = np.asarray(fn(jnp.asarray(scores), jnp.asarray(visual_positions), jnp.asarray(visual_valid)))
+        fn = self.variant(functools.partial(_select, visual_positions=visual_positions, visual_valid=visual_valid,
+                                            seq_len=seq_len, keep=keep))
+        kept = np.asarray(fn(jnp.asarray(scores)))
         chex.assert_shape(kept, (3, seq_len - 8 + keep))
         np.testing.assert_array_equal(kept, np_select_kept(scores, visual_positions, visual_valid, seq_len, keep))
         # Properties: ascending, unique, every non-visual position kept.
@@ -145,19 +151,19 @@ class SelectKeptTest(chex.TestCase):
 
     def test_padded_and_nan_rank_last(self):
         scores, visual_positions, visual_valid, seq_len = _selection_case()
-        kept = np.asarray(select_kept(jnp.asarray(scores), jnp.asarray(visual_positions), jnp.asarray(visual_valid), seq_len, 5))
+        kept = np.asarray(_select(jnp.asarray(scores), jnp.asarray(visual_positions), jnp.asarray(visual_valid), seq_len, 5))
         # Example 1 has exactly 5 valid slots: all kept, none of the padded ones (despite 100.0).
         assert set(kept[1].tolist()) & set(visual_positions[1].tolist()) == set(range(5, 10))
         # Example 0 keeping 7 of 8: the NaN slot (position 5) is the one dropped, not -inf.
-        kept7 = np.asarray(select_kept(jnp.asarray(scores), jnp.asarray(visual_positions), jnp.asarray(visual_valid), seq_len, 7))
+        kept7 = np.asarray(_select(jnp.asarray(scores), jnp.asarray(visual_positions), jnp.asarray(visual_valid), seq_len, 7))
         assert 5 not in kept7[0] and 8 in kept7[0]
         # Exact ties go to the earlier position (lax.top_k is stable).
-        tied = select_kept(jnp.zeros((3, 8)), jnp.asarray(visual_positions), jnp.ones((3, 8), bool), seq_len, 2)
+        tied = _select(jnp.zeros((3, 8)), jnp.asarray(visual_positions), jnp.ones((3, 8), bool), seq_len, 2)
         for i in range(3):
             assert set(np.asarray(tied[i]).tolist()) & set(visual_positions[i].tolist()) == set(visual_positions[i, :2].tolist())
 
     def test_padded_slot_repeating_a_position_does_not_hide_it(self):
-        kept = select_kept(
+        kept = _select(
             jnp.asarray([[0.0, 0.0, 10.0, 100.0]]), jnp.asarray([[3, 4, 5, 5]]),
             jnp.asarray([[True, True, True, False]]), 8, 3,
         )
@@ -166,23 +172,42 @@ class SelectKeptTest(chex.TestCase):
     def test_float64_scores_keep_their_precision(self):
         scores = np.array([[1.0, 1.0 + 1e-12, 1.0 - 1e-12, 0.0]])
         with jax.enable_x64(True):
-            kept = select_kept(jnp.asarray(scores), jnp.arange(1, 5)[None], jnp.ones((1, 4), bool), 6, 1)
+            kept = _select(jnp.asarray(scores), jnp.arange(1, 5)[None], jnp.ones((1, 4), bool), 6, 1)
         np.testing.assert_array_equal(np.asarray(kept), [[0, 2, 5]])  # 1 + 1e-12 at position 2
 
-    def test_no_recompile_for_new_scores(self):
+    def test_no_recompile_for_new_scores_or_budgets(self):
         scores, visual_positions, visual_valid, seq_len = _selection_case()
-        fn = jax.jit(select_kept, static_argnums=(3, 4))
+        fn = jax.jit(select_kept, static_argnums=(5,))
+        valid = jnp.ones((3, seq_len), bool)
         for seed in range(3):
             fn(jnp.asarray(np.random.default_rng(seed).normal(size=scores.shape), jnp.float32),
-               jnp.asarray(visual_positions), jnp.asarray(visual_valid), seq_len, 4)
+               jnp.asarray(visual_positions), jnp.asarray(visual_valid), valid, jnp.asarray([seed, 4, 2]), seq_len - 4)
         assert fn._cache_size() == 1
 
     def test_errors(self):
         scores, visual_positions, visual_valid, seq_len = _selection_case()
-        with pytest.raises(ValueError, match=r"keep=9 outside \[0, n=8\]"):
-            select_kept(jnp.asarray(scores), jnp.asarray(visual_positions), jnp.asarray(visual_valid), seq_len, 9)
+        valid, keep = jnp.ones((3, seq_len), bool), jnp.full((3,), 2)
+        with pytest.raises(ValueError, match=r"kept_len=25 outside \[0, seq_len=24\]"):
+            select_kept(jnp.asarray(scores), jnp.asarray(visual_positions), jnp.asarray(visual_valid), valid, keep, 25)
         with pytest.raises(ValueError, match="must all be"):
-            select_kept(jnp.asarray(scores), jnp.asarray(visual_positions[:, :4]), jnp.asarray(visual_valid), seq_len, 2)
+            select_kept(jnp.asarray(scores), jnp.asarray(visual_positions[:, :4]), jnp.asarray(visual_valid), valid,
+                        keep, 20)
+
+    def test_each_example_keeps_its_own_r(self):
+        """Per-example budgets under one static shape: example i keeps its top keep[i] visual
+        tokens and all its text; the surplus rows are masked."""
+        scores, visual_positions, visual_valid, seq_len = _selection_case(2)
+        keep = np.array([2, 5, 0])
+        token_valid = np.ones((3, seq_len), bool)
+        token_valid[1, visual_positions[1, 5:]] = False  # example 1's padded slots sit on padding
+        kept, kept_valid = select_kept(jnp.asarray(scores), jnp.asarray(visual_positions), jnp.asarray(visual_valid),
+                                       jnp.asarray(token_valid), jnp.asarray(keep), seq_len - 8 + 5)
+        kept, kept_valid = np.asarray(kept), np.asarray(kept_valid)
+        for i in range(3):
+            real = set(kept[i][kept_valid[i]].tolist())
+            reference = set(np_select_kept(scores[i:i + 1], visual_positions[i:i + 1], visual_valid[i:i + 1],
+                                           seq_len, int(keep[i]))[0].tolist())
+            assert real == reference - set(np.flatnonzero(~token_valid[i]).tolist()), i
 
 
 def test_gather_rows():
@@ -333,9 +358,12 @@ def test_pool_spreads_evenly(keep):
 
 def test_pool_scorer_and_dispatch():
     inputs, _ = _score_inputs()
-    scores = score(inputs, PruneConfig(method="pool", keep=3), 3)
+    host = np.broadcast_to(pool_scores(N_VIS, 3), (B, N_VIS))
+    scores = score(dataclasses.replace(inputs, pool=jnp.asarray(host)), PruneConfig(method="pool", keep=3), 3)
     chex.assert_shape(scores, (B, N_VIS))
     np.testing.assert_array_equal(np.asarray(scores[0]), pool_scores(N_VIS, 3))
+    with pytest.raises(ValueError, match=r"needs ScoreInputs fields \['pool'\]"):
+        score(inputs, PruneConfig(method="pool", keep=3), 3)
     assert set(SCORERS) == {"entropy", "fastv", "random", "pool"}
     with pytest.raises(ValueError, match="no scorer"):
         score(inputs, PruneConfig(method="none"), 3)
@@ -351,7 +379,7 @@ def test_end_to_end_selection_keeps_original_positions():
     def prune(inputs_query):
         local = dataclasses.replace(inputs, query=inputs_query)
         scores = score(local, PruneConfig(keep=keep), keep)
-        kept = select_kept(scores, local.visual_positions, local.visual_valid, S, keep)
+        kept = _select(scores, local.visual_positions, local.visual_valid, S, keep)
         return scores, kept, gather_rows(local.positions, kept), gather_rows(local.hidden, kept)
 
     scores, kept, kept_positions, kept_hidden = prune(inputs.query)
@@ -362,3 +390,38 @@ def test_end_to_end_selection_keeps_original_positions():
         valid_scores = np.where(arrays["visual_valid"][i], np.asarray(scores[i]), -np.inf)
         top = set(arrays["visual_positions"][i][np.argsort(-valid_scores)[:keep]].tolist())
         assert set(np.asarray(kept[i]).tolist()) & set(arrays["visual_positions"][i].tolist()) == top
+
+
+def test_pool_over_spans_matches_the_square_lattice_and_splits_r_over_images():
+    """`pool` reads the visual spans: one square image gives the lattice of `pool_scores`; two
+    images of one example share R in proportion to their tokens, each an even lattice; a CLS
+    token (off the grid) is not chosen while the grid can hold R."""
+    one = ImageSlots.square(24)
+    spans = build_spans([np.ones(576, bool)], [[one]], 576)
+    np.testing.assert_array_equal(pool_spans_scores(spans, np.array([144]))[0], pool_scores(576, 144))
+    with_cls = ImageSlots.square(4, leading=1)
+    spans = build_spans([np.ones(34, bool), np.r_[np.ones(17, bool), np.zeros(17, bool)]],
+                        [[with_cls, with_cls], [with_cls]], 34)
+    scores = pool_spans_scores(spans, np.array([6, 4]))
+    assert scores[0].sum() == 6 and scores[0, :17].sum() == 3 and scores[0, 17:].sum() == 3
+    assert scores[0, 0] == 0 and scores[0, 17] == 0  # the CLS tokens
+    np.testing.assert_array_equal(scores[1, 1:17], pool_scores(16, 4))
+    assert scores[1, 17:].sum() == 0  # padded slots
+
+
+def test_per_example_budgets_and_keep_ratio():
+    """`keep_per_example`: each example's R from its own N (A and keep_ratio), 0 without images;
+    keep_ratio 0.25 / 0.125 at L = 28, K = 1 are the reduction ratios 0.7778 / 0.9074."""
+    cfg = PruneConfig(layer=2, avg_keep=128)
+    np.testing.assert_array_equal(keep_per_example(cfg, 32, np.array([576, 0, 1152])),
+                                  [budget(128, 32, 2, 576), 0, budget(128, 32, 2, 1152)])
+    for ratio, reduction in ((0.25, 0.7778), (0.125, 0.9074)):
+        r = ratio_budget(ratio, 28, 1, 100_000)
+        assert abs(1 - r / 100_000 - reduction) < 1e-4, (ratio, r)
+        assert resolve_keep(PruneConfig(layer=1, keep_ratio=ratio), 28, 100_000) == r
+    with pytest.raises(ValueError, match="example 1"):
+        keep_per_example(PruneConfig(layer=2, avg_keep=64), 32, np.array([576, 40]))
+    with pytest.raises(ValueError, match="exactly one"):
+        PruneConfig(layer=2, avg_keep=64, keep_ratio=0.25)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        PruneConfig(layer=2, keep_ratio=1.5)

@@ -10,7 +10,8 @@ from torch_reference import pruned_forward, pruned_greedy
 
 import ep_jax
 from ep_jax import PruneConfig
-from ep_jax.generate import InputError, compile_stats
+from ep_jax.errors import InputError
+from ep_jax.runtime.engine import compile_stats
 
 
 def _encode(model, prompt="What is in the image? Describe it.", image="astronaut"):
@@ -106,13 +107,14 @@ def test_no_recompilation_and_no_host_callback(tiny_model):
     ep_jax.generate(model, [photo("coffee")], ["What is in the cup?"], max_new_tokens=4, prune=cfg)
     assert compile_stats(model)["compiles"] == before
 
-    from ep_jax.generate import _prefill, resolve_stage
+    from ep_jax.runtime.api import prefill_logits, prepare
 
     enc = _encode(model)
-    stage = resolve_stage(model, cfg, model.config.image_seq_len)
+    inputs, spans, stage, extra = prepare(model, enc["input_ids"], enc["pixel_values"], enc["attention_mask"],
+                                          prune=cfg)
     jaxpr = jax.make_jaxpr(
-        lambda s, i, p, m: _prefill(model.graphdef, s, i, p, m, stage=stage, decode_room=8, all_logits=False)
-    )(model.state, enc["input_ids"], enc["pixel_values"], enc["attention_mask"].astype(bool))
+        lambda s, i, sp, ex: prefill_logits(model.graphdef, s, i, sp, ex, stage=stage, decode_room=8, all_logits=False)
+    )(model.state, inputs, spans, extra)
     text = str(jaxpr)
     assert "top_k" in text and "eigh" in text  # the prune stage is in the graph...
     for prim in ("callback", "pure_callback", "io_callback", "debug_callback", "infeed", "outfeed"):

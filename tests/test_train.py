@@ -21,13 +21,23 @@ def micro(tmp_path_factory):
 
 
 def test_training_is_deterministic_and_saves_a_loadable_model(micro, tmp_path):
+    import jax
+
     import ep_jax
     from ep_jax.train import AUX_CLASSES, Recipe, train
 
     out, result = micro
-    again = train(tmp_path / "again", Recipe(**MICRO), progress=False, save=False)
+    again = train(tmp_path / "again", Recipe(**MICRO), progress=False)
     assert result["steps_done"] == again["steps_done"] == MICRO["steps"]
     assert result["history"][-1]["loss"] == again["history"][-1]["loss"]
+    # The trained weights themselves, every array bit for bit (as saved and loaded back).
+    first, second = (jax.tree_util.tree_flatten_with_path(ep_jax.load(d).params())[0] for d in (out, tmp_path / "again"))
+    assert [path for path, _ in first] == [path for path, _ in second] and len(first) > 10
+    for (path, a), (_, b) in zip(first, second):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+    # ...and training moved them: norms start at scale 1 / bias 0 (measured max change 4e-3).
+    norms = [(np.asarray(a), "bias" in jax.tree_util.keystr(path)) for path, a in first if "norm" in jax.tree_util.keystr(path)]
+    assert norms and max(np.abs(a - (0.0 if is_bias else 1.0)).max() for a, is_bias in norms) > 1e-3
     assert np.isfinite(result["history"][-1]["loss"])
     assert set(result["val"]) == {"overall", "color", "shape", "count", "exist", "position"}
     patches = result["history"][-1]["val_patches"]
@@ -66,7 +76,7 @@ def test_transformers_greedy_parity_after_export(micro, tmp_path):
 
 
 def test_default_budgets_keep_fractions():
-    from ep_jax.prune import budget
+    from ep_jax.core.budget import budget
     from ep_jax.quality import default_budgets
 
     a = default_budgets(196, 4, 2)
@@ -103,7 +113,7 @@ def test_quality_benchmark_end_to_end(micro, tmp_path):
 
 def test_patch_targets_mark_each_object():
     from ep_jax.data import scenes
-    from ep_jax.train import GRID, PATCH, patch_targets
+    from ep_jax.data.encoding import GRID, PATCH, patch_targets
 
     samples = scenes.generate("train", 20, seed=3)
     t = patch_targets(samples)
@@ -128,7 +138,7 @@ def test_extra_questions_are_deterministic_and_cover_every_type():
     from collections import Counter
 
     from ep_jax.data import scenes
-    from ep_jax.train import extra_questions
+    from ep_jax.data.encoding import extra_questions
 
     samples = scenes.generate("train", 60, seed=1)
     picks = [extra_questions(s, 4) for s in samples]
@@ -147,7 +157,8 @@ def test_extra_questions_are_deterministic_and_cover_every_type():
 def test_encoder_rows_start_with_the_inference_prompt_and_label_every_answer(tmp_path):
     from ep_jax.data import scenes
     from ep_jax.processing import ImageProcessor, Processor
-    from ep_jax.train import Encoder, Recipe, build_tokenizer, extra_questions, write_preprocessor
+    from ep_jax.data.encoding import Encoder, build_tokenizer, extra_questions, write_preprocessor
+    from ep_jax.train import Recipe
 
     tok = build_tokenizer(tmp_path, Recipe.vocab_size)
     write_preprocessor(tmp_path)
@@ -170,7 +181,8 @@ def test_encoder_rows_start_with_the_inference_prompt_and_label_every_answer(tmp
 def test_attention_targets_point_at_the_evidence(tmp_path):
     from ep_jax.data import scenes
     from ep_jax.processing import ImageProcessor, Processor
-    from ep_jax.train import COVERED, GRID, Encoder, Recipe, build_tokenizer, write_preprocessor
+    from ep_jax.data.encoding import COVERED, GRID, Encoder, build_tokenizer, write_preprocessor
+    from ep_jax.train import Recipe
 
     tok = build_tokenizer(tmp_path, Recipe.vocab_size)
     write_preprocessor(tmp_path)

@@ -1,4 +1,4 @@
-"""An independent PyTorch reference of the released EntropyPrune algorithm (ALGORITHM.md),
+"""An independent PyTorch reference of the released EntropyPrune algorithm (docs/ALGORITHM.md),
 run on Hugging Face's LlavaForConditionalGeneration: decoder layers one by one, layer K-1's
 queries scored in float64, top-R visual tokens gathered in original order, later layers run
 with position ids = the kept (original) positions. Batch size 1, no KV cache: generation

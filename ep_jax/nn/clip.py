@@ -28,13 +28,13 @@ class VisionLayer(nnx.Module):
 
     def __call__(self, x: Float[Array, "b p d"]) -> Float[Array, "b p d"]:
         y = self.norm1(x)
-        q = dense(y, self.q.value, "bpd,dnh->bpnh") + self.q_bias.value
-        k = dense(y, self.k.value, "bpd,dnh->bpnh") + self.k_bias.value
-        v = dense(y, self.v.value, "bpd,dnh->bpnh") + self.v_bias.value
-        x = x + dense(attend(q, k, v, None), self.o.value, "bpnh,nhd->bpd") + self.o_bias.value
+        q = dense(y, self.q[...], "bpd,dnh->bpnh") + self.q_bias[...]
+        k = dense(y, self.k[...], "bpd,dnh->bpnh") + self.k_bias[...]
+        v = dense(y, self.v[...], "bpd,dnh->bpnh") + self.v_bias[...]
+        x = x + dense(attend(q, k, v, None), self.o[...], "bpnh,nhd->bpd") + self.o_bias[...]
         y = self.norm2(x)
-        y = activation(self.act)(dense(y, self.fc1.value, "bpd,df->bpf") + self.fc1_bias.value)
-        return x + dense(y, self.fc2.value, "bpf,fd->bpd") + self.fc2_bias.value
+        y = activation(self.act)(dense(y, self.fc1[...], "bpd,df->bpf") + self.fc1_bias[...])
+        return x + dense(y, self.fc2[...], "bpf,fd->bpd") + self.fc2_bias[...]
 
 
 class VisionTower(nnx.Module):
@@ -60,11 +60,11 @@ class VisionTower(nnx.Module):
                 f"{(cfg.num_channels, cfg.image_size, cfg.image_size)}"
             )
         g, p = cfg.grid_size, cfg.patch_size
-        patches = pixels.astype(self.patch.value.dtype).reshape(b, c, g, p, g, p)
-        x = jnp.einsum("bcyixj,cijd->byxd", patches, self.patch.value, preferred_element_type=jnp.float32)
-        x = x.reshape(b, g * g, -1).astype(self.patch.value.dtype)
-        cls = jnp.broadcast_to(self.cls.value, (b, 1, x.shape[-1]))
-        x = jnp.concatenate([cls, x], axis=1) + self.pos.value
+        patches = pixels.astype(self.patch[...].dtype).reshape(b, c, g, p, g, p)
+        x = jnp.einsum("bcyixj,cijd->byxd", patches, self.patch[...], preferred_element_type=jnp.float32)
+        x = x.reshape(b, g * g, -1).astype(self.patch[...].dtype)
+        cls = jnp.broadcast_to(self.cls[...], (b, 1, x.shape[-1]))
+        x = jnp.concatenate([cls, x], axis=1) + self.pos[...]
         x = self.pre_norm(x)
         x, _ = scan_layers(self.layers, 0, num_layers, lambda layer, h, _: (layer(h), None), x)
         return x

@@ -55,14 +55,15 @@ def scan_layers(layers: nnx.Module, lo: int, hi: int, body, carry, xs=None, *, s
       graph; each matmul reads its weights in place, compile time grows with depth.
     `xs` is sliced along its leading axis (pass NumPy for Python-int steps in the loop). The
     `y`s come back stacked on a leading axis, or with `stack=False` in the per-layer layout as
-    tuples of per-layer arrays (kept separate so each layer's KV cache is its own buffer).
+    tuples of per-layer arrays (kept separate so each layer's KV cache is its own buffer);
+    `stack` may also be a tuple of bools, one per element of a tuple `y`.
     """
     if isinstance(layers, nnx.List):
         ys = []
         for j, i in enumerate(range(lo, hi)):
             carry, y = body(layers[i], carry, None if xs is None else jax.tree.map(lambda a: a[j], xs))
             ys.append(y)
-        return carry, jax.tree.map(lambda *a: jnp.stack(a) if stack else a, *ys)
+        return carry, _combine(ys, stack)
 
     graphdef, state = nnx.split(layers)
 
@@ -72,6 +73,12 @@ def scan_layers(layers: nnx.Module, lo: int, hi: int, body, carry, xs=None, *, s
         return body(nnx.merge(graphdef, layer_state), carry, x)
 
     return jax.lax.scan(step, carry, (jnp.arange(lo, hi), xs))
+
+
+def _combine(ys: list, stack):
+    if isinstance(stack, bool):
+        return jax.tree.map(lambda *a: jnp.stack(a) if stack else a, *ys)
+    return tuple(_combine([y[k] for y in ys], flag) for k, flag in enumerate(stack))
 
 
 def dense(x: Array, w: Array, spec: str) -> Array:
@@ -157,7 +164,7 @@ class LayerNorm(nnx.Module):
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * self.scale.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)).astype(x.dtype)
+        return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -169,4 +176,4 @@ class RMSNorm(nnx.Module):
         # As Hugging Face LLaMA: normalise in float32, cast back, then scale.
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
-        return self.scale.value * y.astype(x.dtype)
+        return self.scale[...] * y.astype(x.dtype)

@@ -39,7 +39,7 @@ def rope(x: Float[Array, "b t n h"], positions: Int[Array, "b t"], cfg: TextConf
 @dataclasses.dataclass(frozen=True)
 class Projections:
     """Layer inputs the prune stage can score: q/k/v before RoPE (RoPE does not change
-    the token-wise entropy, ALGORITHM.md §2)."""
+    the token-wise entropy, docs/ALGORITHM.md §2)."""
 
     query: Float[Array, "b t n h"]
     key: Float[Array, "b t k h"]
@@ -64,17 +64,17 @@ class Attention(nnx.Module):
             self.o_bias = param(None, (d,), dtype)
 
     def project(self, x: Float[Array, "b t d"]) -> Projections:
-        q = dense(x, self.q.value, "btd,dnh->btnh")
-        k = dense(x, self.k.value, "btd,dkh->btkh")
-        v = dense(x, self.v.value, "btd,dkh->btkh")
+        q = dense(x, self.q[...], "btd,dnh->btnh")
+        k = dense(x, self.k[...], "btd,dkh->btkh")
+        v = dense(x, self.v[...], "btd,dkh->btkh")
         if self.cfg.attention_bias:
-            q, k, v = q + self.q_bias.value, k + self.k_bias.value, v + self.v_bias.value
+            q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
         return Projections(q, k, v)
 
     def output(self, attn: Float[Array, "b t n h"]) -> Float[Array, "b t d"]:
-        out = dense(attn, self.o.value, "btnh,nhd->btd")
+        out = dense(attn, self.o[...], "btnh,nhd->btd")
         if self.cfg.attention_bias:
-            out = out + self.o_bias.value
+            out = out + self.o_bias[...]
         return out
 
 
@@ -92,12 +92,12 @@ class MLP(nnx.Module):
         self.act = cfg.hidden_act
 
     def __call__(self, x: Float[Array, "b t d"]) -> Float[Array, "b t d"]:
-        gate = dense(x, self.gate.value, "btd,df->btf")
-        up = dense(x, self.up.value, "btd,df->btf")
+        gate = dense(x, self.gate[...], "btd,df->btf")
+        up = dense(x, self.up[...], "btd,df->btf")
         if self.bias:
-            gate, up = gate + self.gate_bias.value, up + self.up_bias.value
-        out = dense(activation(self.act)(gate) * up, self.down.value, "btf,fd->btd")
-        return out + self.down_bias.value if self.bias else out
+            gate, up = gate + self.gate_bias[...], up + self.up_bias[...]
+        out = dense(activation(self.act)(gate) * up, self.down[...], "btf,fd->btd")
+        return out + self.down_bias[...] if self.bias else out
 
 
 class DecoderLayer(nnx.Module):

@@ -1,0 +1,83 @@
+"""`--explain`: an image with the kept patches outlined, and the score map beside it.
+
+Reads the visual spans (`core.spans`): each visual token's image and (h, w) cell on its grid, so
+any family whose image is one grid of patches is drawn the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ep_jax.errors import InputError
+from ep_jax.files import atomic_path
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def score_grid(gen, example: int = 0, image: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and kept flags of one image of one example on its (h, w) token grid (tokens off
+    the grid, such as a CLS token, are left out)."""
+    spans = gen.spans.example(example)
+    scores = np.asarray(gen.prefill.scores[example], np.float64)[np.asarray(gen.spans.valid[example])]
+    kept_seq = np.asarray(gen.prefill.kept_mask[example])
+    mine = (spans.image[0] == image) & (spans.coords[0, :, 0] >= 0)
+    if not mine.any():
+        raise InputError(f"example {example} has no image {image} to explain")
+    coords = spans.coords[0, mine]
+    _, h, w = spans.grid[0, mine][0]
+    grid_scores = np.full((h, w), np.nan)
+    grid_kept = np.zeros((h, w), bool)
+    grid_scores[coords[:, 1], coords[:, 2]] = scores[mine]
+    grid_kept[coords[:, 1], coords[:, 2]] = kept_seq[spans.positions[0, mine]]
+    return grid_scores, grid_kept
+
+
+def pixels_to_image(pixels: np.ndarray, mean, std) -> np.ndarray:
+    """Undo the normalisation: [3, H, W] -> [H, W, 3] in [0, 1]."""
+    img = pixels.transpose(1, 2, 0) * np.asarray(std) + np.asarray(mean)
+    return np.clip(img, 0.0, 1.0)
+
+
+def write_explanation(path: str | Path, gen, example: int = 0, mean=CLIP_MEAN, std=CLIP_STD) -> Path:
+    """Two panels: the model's view of the example's first image with pruned patches dimmed,
+    and the scores."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stage = gen.stage
+    scores, kept = score_grid(gen, example)
+    first_image = sum(int(np.asarray(gen.spans.image[i])[np.asarray(gen.spans.valid[i])].max(initial=-1)) + 1
+                      for i in range(example))
+    img = pixels_to_image(np.asarray(gen.inputs["pixel_values"][first_image], np.float32), mean, std)
+
+    g = kept.shape[0]
+    p = img.shape[0] // g
+    mask = np.kron(kept, np.ones((p, p)))[..., None]
+    shown = img[: p * g, : p * kept.shape[1]] * (0.25 + 0.75 * mask)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8))
+    axes[0].imshow(shown)
+    for (y, x) in zip(*np.nonzero(kept)):
+        axes[0].add_patch(plt.Rectangle((x * p - 0.5, y * p - 0.5), p, p, fill=False, lw=0.6, ec="yellow"))
+    keep = stage.keep if gen.keep is None else int(gen.keep[example])
+    axes[0].set_title(f"kept {int(kept.sum())}/{kept.size} patches (K={stage.layer}, R={keep})")
+    im = axes[1].imshow(np.where(np.isfinite(scores), scores, np.nan), cmap="magma")
+    axes[1].set_title(f"{stage.config.method} score ({stage.config.source})" if stage.config.method == "entropy"
+                      else f"{stage.config.method} score")
+    fig.colorbar(im, ax=axes[1], fraction=0.046)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:  # the file appears whole or not at all
+            fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,222 @@
+"""`python -m ep_jax.generate`: answer questions about images, optionally with pruning.
+
+Every flag is checked before the model is loaded; errors follow `ep_jax.cli` (exit 2 and one
+`error:` line for a problem the user can fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from ep_jax.cli import add_debug_flag, run_cli
+from ep_jax.errors import InputError
+from ep_jax.files import check_output_file
+
+METHODS = ["none", "entropy", "fastv", "random", "pool"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ep_jax.generate",
+        description="Answer a question about one or more images with a vision-language model in JAX, "
+        "pruning visual tokens with EntropyPrune inside the compiled graph.",
+    )
+    p.add_argument("--model", help="ep_jax checkpoint or Hugging Face directory "
+                   "(default: the small model shipped with ep_jax)")
+    p.add_argument("--image", action="append", required=True, help="image file; repeat for a batch")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="question; one for all images, or one per --image")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: as saved)")
+    p.add_argument("--layout", choices=["auto", "stacked", "per_layer"], default="auto",
+                   help="decoder weights in memory: stacked (lax.scan, fast compile) or per_layer (unrolled, "
+                        "faster CPU decode for large layers); auto picks per backend and size")
+    p.add_argument("--template", default=None, help="chat template (default: the model preset's)")
+    p.add_argument("--raw-prompt", action="store_true", help="use the prompt as is (it must contain <image>)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come (batch of one)")
+    p.add_argument("--json", action="store_true", help="print answers, pruning report and timings as JSON")
+    g = p.add_argument_group("pruning (default: the model preset's; --prune none runs the full model)")
+    g.add_argument("--prune", choices=METHODS, default=None, help="method (default: the model preset's, else none)")
+    g.add_argument("--prune-layer", default=None, help="K, the first layer on the pruned sequence, or 'auto'")
+    budget = g.add_mutually_exclusive_group()
+    budget.add_argument("--keep-avg", type=int, default=None, help="A: average visual tokens per layer")
+    budget.add_argument("--keep", type=int, default=None, help="R: visual tokens kept from layer K on")
+    budget.add_argument("--keep-ratio", type=float, default=None,
+                        help="layer-averaged fraction of each example's visual tokens (0.25, 0.125)")
+    g.add_argument("--score-source", choices=["query", "key", "value", "hidden"], default="query")
+    g.add_argument("--explain", metavar="PNG", help="write the image with kept patches and the score map")
+    add_debug_flag(p)
+    return p
+
+
+def main(argv=None) -> int:
+    return run_cli(build_parser(), _run, argv)
+
+
+# ---------------------------------------------------------------------- checks before loading
+def check_args(args) -> None:
+    """Every flag that can be checked without the model, so a mistake costs no load time."""
+    from ep_jax.runtime.api import check_prompts, check_sampling
+
+    check_prompts(args.prompt)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    if args.stream and len(args.image) > 1:
+        raise InputError("--stream prints one answer as it is generated: give a single --image")
+    if args.stream and args.json:
+        raise InputError("--stream and --json both write the answer to stdout: choose one")
+    if len(args.prompt) not in (1, len(args.image)):
+        raise InputError(f"{len(args.prompt)} prompts for {len(args.image)} images: give one --prompt, or one per --image")
+    if args.prune_layer is not None and args.prune_layer != "auto":
+        try:
+            layer = int(args.prune_layer)
+        except ValueError:
+            raise InputError(f"--prune-layer {args.prune_layer!r}: give an int K >= 1 or 'auto'") from None
+        if layer < 1:
+            raise InputError(f"--prune-layer {layer}: K must be >= 1 (scores come from layer K-1)")
+    for flag, value in (("--keep", args.keep), ("--keep-avg", args.keep_avg)):
+        if value is not None and value < 0:
+            raise InputError(f"{flag} {value}: give a token count >= 0")
+    if args.keep_ratio is not None and not (math.isfinite(args.keep_ratio) and 0 <= args.keep_ratio <= 1):
+        raise InputError(f"--keep-ratio {args.keep_ratio}: give a fraction in [0, 1]")
+    if args.prune == "none" and (args.keep is not None or args.keep_avg is not None or args.keep_ratio is not None
+                                 or args.prune_layer is not None):
+        raise InputError("--keep/--keep-avg/--keep-ratio/--prune-layer need a pruning method (--prune entropy)")
+    if args.explain:
+        check_output_file(args.explain, "--explain")
+        if args.prune == "none":
+            raise InputError("--explain shows the pruning decision: enable pruning (--prune entropy)")
+
+
+def prune_config(args, preset):
+    """The PruneConfig of these flags; unset parts come from the model preset (the API's
+    `default_prune` when no flag is given at all)."""
+    from ep_jax.core.budget import PruneConfig
+    from ep_jax.runtime.api import default_prune
+
+    method, budgets = args.prune, (args.keep, args.keep_avg, args.keep_ratio)
+    if method is None and args.prune_layer is None and all(b is None for b in budgets):
+        return default_prune(preset)
+    if method is None:
+        method = "entropy"
+    if method == "none":
+        return None
+    layer = args.prune_layer
+    if layer is None:
+        layer = preset.prune_layer if preset is not None and preset.prune_layer is not None else 2
+    elif layer != "auto":
+        layer = int(layer)
+    keep, avg, ratio = budgets
+    if all(b is None for b in budgets):
+        if preset is None or preset.default_avg_keep is None:
+            raise InputError("give a budget: --keep-avg A (e.g. 64), --keep R or --keep-ratio 0.25")
+        avg = preset.default_avg_keep
+    return PruneConfig(method=method, layer=layer, avg_keep=avg, keep=keep, keep_ratio=ratio, source=args.score_source)
+
+
+# ---------------------------------------------------------------------- run
+def _run(args) -> int:
+    t_start = time.perf_counter()
+    check_args(args)
+    from ep_jax import checkpoint, presets
+    from ep_jax.images import load_image
+    from ep_jax.runtime.api import run_generation
+
+    images = [load_image(Path(f)) for f in args.image]  # unreadable files fail before the model loads
+    prompts = args.prompt * len(images) if len(args.prompt) == 1 else args.prompt
+
+    model_path = args.model
+    if model_path is None:
+        model_path = presets.default_model_path()
+        print(f"using the shipped model {model_path} (pass --model for another)", file=sys.stderr)
+    t_load = time.perf_counter()
+    model = checkpoint.load(model_path, dtype=args.dtype, layout=args.layout)
+    load_s = time.perf_counter() - t_load
+    prune = prune_config(args, model.preset)
+    if args.explain and prune is None:
+        raise InputError("--explain shows the pruning decision, but nothing is pruned: add --prune entropy")
+    template = "raw" if args.raw_prompt else args.template
+
+    on_token = None
+    if args.stream:
+        proc = model.processor
+        produced: list[int] = []
+        printed = [""]
+
+        def on_token(tokens):
+            produced.append(tokens[0])
+            text = proc.decode(produced)
+            sys.stdout.write(text[len(printed[0]):])
+            sys.stdout.flush()
+            printed[0] = text
+
+    gen = run_generation(
+        model, [[im] for im in images], prompts, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        prune=prune, template=template, on_token=on_token,
+    )
+    reports = prune_reports(model, gen)
+    if args.explain:
+        from ep_jax.analysis.explain import write_explanation
+
+        ip = model.processor.image_processor
+        write_explanation(args.explain, gen, example=0, mean=ip.image_mean, std=ip.image_std)
+
+    if args.json:
+        timings = {"load_s": load_s, **gen.timings, "total_s": time.perf_counter() - t_start}
+        out = {
+            "answers": gen.texts,
+            "token_ids": gen.token_ids,
+            "prune": None if gen.stage is None else {
+                "method": gen.stage.config.method,
+                "budget": describe_budget(gen.stage.config),
+                **reports[0].to_dict(),
+                "per_example": [r.to_dict() for r in reports],
+            },
+            "timings": timings,
+            "model": str(model_path),
+        }
+        print(json.dumps(out, indent=1))
+        return 0
+    for i, report in enumerate(reports):
+        label = "" if len(reports) == 1 else f" example {i}:"
+        print(f"[{gen.stage.config.method}]{label} {report} | budget: {describe_budget(gen.stage.config)}",
+              file=sys.stderr)
+    if args.stream:
+        print()
+    else:
+        for text in gen.texts:
+            print(text)
+    return 0
+
+
+def describe_budget(cfg) -> str:
+    """Which budget convention a run used, in words (the reports print A and R either way)."""
+    if cfg.keep is not None:
+        return f"fixed R = {cfg.keep} per example"
+    if cfg.keep_ratio is not None:
+        return f"layer-averaged {100 * cfg.keep_ratio:g} % of each example's N"
+    return f"layer-averaged A = {cfg.avg_keep} with each example's own N"
+
+
+def prune_reports(model, gen) -> list:
+    """One FLOPs/KV report per example, from its own N and R."""
+    from ep_jax.core.flops import prune_report
+
+    if gen.stage is None:
+        return []
+    counts = gen.spans.counts()
+    lengths = gen.inputs["attention_mask"].sum(1)
+    return [
+        prune_report(model.config.text, int(lengths[i]), int(counts[i]), gen.stage.layer, int(gen.keep[i]),
+                     bytes_per_elem=model.dtype.itemsize, requested_avg_keep=gen.stage.config.avg_keep)
+        for i in range(len(counts))
+    ]
