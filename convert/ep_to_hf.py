@@ -10,6 +10,8 @@ DST is refused unless --overwrite, and Ctrl-C or an error leaves it as it was.
 import argparse
 import sys
 
+from ep_jax.cli import run_cli
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -17,19 +19,17 @@ def main(argv=None) -> int:
     p.add_argument("dst", help="output Hugging Face directory")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing DST (the old one is removed only once the new one is complete)")
-    args = p.parse_args(argv)
+    return run_cli(p, _run, argv)  # errors: exit 2 and one line; bugs: the traceback
+
+
+def _run(args) -> int:
+    from ep_jax.checkpoint import export_hf
 
     try:
-        from ep_jax.checkpoint import export_hf
-        from ep_jax.errors import EpJaxError
-
         out = export_hf(args.src, args.dst, overwrite=args.overwrite)
     except KeyboardInterrupt:
         print(f"interrupted: {args.dst} was left as it was", file=sys.stderr)
         return 130
-    except (EpJaxError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     print(f"wrote {out}")
     return 0
 

@@ -13,6 +13,8 @@ import argparse
 import sys
 import time
 
+from ep_jax.cli import run_cli
+
 
 def _peak_rss_mib() -> float:
     try:
@@ -29,20 +31,18 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing DST (the old one is removed only once the new one is complete)")
-    args = p.parse_args(argv)
+    return run_cli(p, _run, argv)  # errors: exit 2 and one line; bugs: the traceback
 
+
+def _run(args) -> int:
+    from ep_jax.checkpoint import convert_hf
+
+    t0 = time.perf_counter()
     try:
-        from ep_jax.checkpoint import convert_hf
-        from ep_jax.errors import EpJaxError
-
-        t0 = time.perf_counter()
         out = convert_hf(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
     except KeyboardInterrupt:
         print(f"interrupted: {args.dst} was left as it was", file=sys.stderr)
         return 130
-    except (EpJaxError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     peak_mib = _peak_rss_mib()
     print(f"wrote {out} ({args.dtype}) in {time.perf_counter() - t0:.1f}s, peak RSS {peak_mib:.0f} MiB")
     return 0

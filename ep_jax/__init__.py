@@ -9,14 +9,15 @@ Where pruning happens: `ep_jax/runtime/prefill.py` (`prune_stage`, called by `pr
 the two layer segments), with the scorers in `ep_jax/core/scorers.py`, the selection in
 `ep_jax/core/select.py` and the matrix entropy in `ep_jax/core/entropy.py`.
 
-Layout (imports point one way, top to bottom):
-  core/       pure functions: entropy, budgets, visual spans, scorers, selection, FLOPs
-  nn/         family-agnostic layers (attention, RoPE, norms, MLPs, layer stacks)
+Layout (imports point one way, top to bottom; README "Design notes" has the table):
+  errors.py   the error types; core/ pure functions (entropy, budgets, visual spans, scorers,
+              selection, FLOPs) and config.py; nn/ family-agnostic layers
   runtime/    prefill + prune stage + decode, sampling, KV cache, compile cache, public API
-  families/   one package per Hugging Face model_type (config, module, weights, processor)
-  checkpoint.py, hf.py, presets.py, processing.py, images.py: host-side I/O
-  analysis/   Entropy Collapse Layer profile, --explain
-  cli/        thin command-line entry points; bench*.py, quality.py, train.py, data/: recipes
+  processing.py, images.py, image_files.py, tokenizer.py, hf.py, files.py: host-side inputs
+  families/   one package per Hugging Face model_type (module, inputs, spans, registry)
+  checkpoint.py, presets.py: loading and saving models
+  analysis/   Entropy Collapse Layer profile, --explain; cli/ the command lines;
+  bench*.py, quality.py, train.py, data/: benchmarks and the shipped model's recipe
 Names are imported lazily so `import ep_jax` stays light.
 """
 

@@ -14,16 +14,10 @@ rename it into place only when complete: an interrupted or failed write leaves D
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import errno
 import json
-import os
+import logging
 import shutil
-import signal
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +27,11 @@ import numpy as np
 from flax import nnx
 
 from ep_jax import hf
-from ep_jax.config import ConfigError, LlavaConfig
-from ep_jax.errors import CheckpointError, EpJaxError, InputError, OutputPathError
+from ep_jax.errors import CheckpointError, ConfigError, EpJaxError, InputError, OutputPathError
 from ep_jax.families import family_of
 from ep_jax.families import get as get_family
-from ep_jax.runtime.model import (  # noqa: F401  (re-exported: loading returns these)
-    DTYPES, LAYOUTS, Model, abstract_model, from_params, init_model, resolve_layout, with_layout,
-)
+from ep_jax.files import staged_folder
+from ep_jax.runtime.model import DTYPES, LAYOUTS, Model, abstract_model, from_params
 from ep_jax.runtime.model import dtype_of as _dtype
 
 FORMAT_VERSION = 3  # 3: params/ is one orbax checkpoint of the whole nested parameter dict
@@ -288,6 +280,10 @@ def _quiet_abandoned_reads() -> None:
 
     hook._ep_jax_quiet = True
     sys.unraisablehook = hook
+    # The same abandoned reads also end as asyncio futures whose failure nobody retrieved, which
+    # asyncio logs ("exception was never retrieved") when they are collected.
+    logging.getLogger("asyncio").addFilter(
+        lambda record: "exception was never retrieved" not in record.getMessage())
 
 
 def _names_in(e: BaseException, abstract: dict) -> str:
@@ -396,7 +392,7 @@ def save(cfg, params: dict, dst: str | Path, *, src: str | Path | None = None,
     `consume=True` empties `params` while saving (conversion of large models); `family` is
     recorded in ep_config.json (absent: "llava")."""
     dst = Path(dst)
-    with _staged_output(dst, overwrite, sources=(src,), keep=keep) as tmp:
+    with staged_folder(dst, overwrite, sources=(src,), keep=keep) as tmp:
         _write_checkpoint(tmp, cfg, params, src=src, hf_config=hf_config, consume=consume, where=dst, family=family)
     return dst
 
@@ -419,7 +415,7 @@ def convert_hf(src: str | Path, dst: str | Path, dtype: str = "float32", progres
     if not src.is_dir():
         raise CheckpointError(f"source {src} is not a directory", fix="give a Hugging Face LLaVA directory")
     _dtype(dtype, None)  # InputError for an unknown dtype, before anything is written
-    with _staged_output(dst, overwrite, sources=(src,)) as tmp:
+    with staged_folder(dst, overwrite, sources=(src,)) as tmp:
         cfg, params = read_hf(src, dtype, progress=progress)
         hf_config = _read_json(src / "config.json")
         if progress:
@@ -436,7 +432,7 @@ def export_hf(model_or_path, dst: str | Path, max_shard_bytes: int = 2 << 30, ov
 
     dst = Path(dst)
     source = model_or_path.path if isinstance(model_or_path, Model) else Path(model_or_path)
-    with _staged_output(dst, overwrite, sources=(source,)) as tmp:
+    with staged_folder(dst, overwrite, sources=(source,)) as tmp:
         model = model_or_path if isinstance(model_or_path, Model) else load(model_or_path)
         params = jax.tree.map(np.asarray, model.params())
         shards: list[dict[str, np.ndarray]] = [{}]
@@ -463,123 +459,3 @@ def export_hf(model_or_path, dst: str | Path, max_shard_bytes: int = 2 << 30, ov
         if model.path is not None:
             copy_side_files(model.path, tmp)
     return dst
-
-
-# ------------------------------------------------------------------------------ safe writes
-_FIX_OVERWRITE = "pass --overwrite (overwrite=True) to replace it, or choose another DST"
-# Test hook only (tests/test_checkpoint_safety.py): seconds to wait once the output is complete
-# in its temporary folder, before it is renamed into place, so that a test can interrupt there.
-_TEST_DELAY_ENV = "EP_JAX_TEST_WRITE_DELAY"
-
-
-def _check_destination(dst: Path, overwrite: bool, sources=()) -> Path:
-    """Refuse a destination that cannot or must not be written, before anything is read:
-    a regular file, a path under a regular file, an unwritable parent, a folder that holds a
-    source, or an existing non-empty folder without `overwrite`. Returns it absolute."""
-    dst = Path(dst)
-    absolute = Path(os.path.abspath(dst))
-    if absolute.parent == absolute:
-        raise OutputPathError(f"{dst} is a filesystem root", fix="choose a folder for DST")
-    for p in (absolute, *absolute.parents):
-        if p.exists() and not p.is_dir():
-            if p == absolute:
-                raise OutputPathError(f"{dst} is a file, not a directory",
-                                      fix="choose another DST (the file was left as it is)")
-            raise OutputPathError(f"{dst} cannot be created: {p} is a file", fix="choose another DST")
-        if p.is_dir():
-            break
-    for s in sources:
-        if s is None:
-            continue
-        s = Path(os.path.abspath(s))
-        if absolute in s.parents:
-            raise OutputPathError(f"{dst} holds the source {s}: replacing it would delete the source",
-                                  fix="choose another DST")
-    if absolute.is_dir() and any(absolute.iterdir()) and not overwrite:
-        raise OutputPathError(f"{dst} already exists and is not empty", fix=_FIX_OVERWRITE)
-    existing = next(p for p in (absolute.parent, *absolute.parent.parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputPathError(f"{dst} cannot be written: no write permission in {existing}",
-                              fix="choose a DST in a folder you can write")
-    return absolute
-
-
-@contextlib.contextmanager
-def _staged_output(dst: Path, overwrite: bool, sources=(), keep: tuple[str, ...] = ()):
-    """Yield an empty temporary folder beside `dst` (`.NAME.tmp-PID`) to write the output into;
-    when the block completes, rename it into place (an old `dst` is renamed aside first and
-    deleted last). On any exception, Ctrl-C included, the temporary folder is removed and `dst`
-    is left as it was; an OSError while writing becomes OutputPathError naming `dst`."""
-    absolute = _check_destination(dst, overwrite, sources)
-    tmp = absolute.parent / f".{absolute.name}.tmp-{os.getpid()}"
-    try:
-        absolute.parent.mkdir(parents=True, exist_ok=True)
-        _remove_tree(tmp)  # left by an earlier run that had this process id
-        tmp.mkdir()
-    except OSError as e:
-        raise OutputPathError(f"{dst} cannot be written: {e.strerror or e} ({e.filename or tmp})",
-                              fix="choose a DST in a folder you can write") from None
-    try:
-        yield tmp
-        for name in keep:
-            if (absolute / name).is_file() and not (tmp / name).exists():
-                shutil.copyfile(absolute / name, tmp / name)
-        if os.environ.get(_TEST_DELAY_ENV):
-            time.sleep(float(os.environ[_TEST_DELAY_ENV]))
-        _move_into_place(tmp, absolute)
-    except BaseException as e:
-        _remove_tree(tmp)
-        if isinstance(e, OSError) and not isinstance(e, EpJaxError) and _is_write_error(e, tmp):
-            raise OutputPathError(f"writing {dst} failed: {e.strerror or e} ({e.filename or tmp})",
-                                  fix=f"{dst} was left as it was; check the free disk space") from e
-        raise
-
-
-def _is_write_error(e: OSError, tmp: Path) -> bool:
-    return (e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
-            or str(e.filename or "").startswith(str(tmp)))
-
-
-def _move_into_place(tmp: Path, dst: Path) -> None:
-    """Rename the complete `tmp` to `dst`; an existing `dst` is renamed aside first and deleted
-    once the new one is in place (restored if the second rename fails). Ctrl-C is held off
-    meanwhile: these steps take milliseconds, and the write is complete."""
-    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-    with _sigint_held():
-        if dst.exists() or dst.is_symlink():
-            _remove_tree(old)
-            os.rename(dst, old)
-            try:
-                os.rename(tmp, dst)
-            except BaseException:
-                os.rename(old, dst)
-                raise
-            _remove_tree(old)
-        else:
-            os.rename(tmp, dst)
-
-
-@contextlib.contextmanager
-def _sigint_held():
-    """Ignore SIGINT inside the block (main thread only; elsewhere signals do not arrive)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _remove_tree(path: Path) -> None:
-    """Delete a file or folder if it exists; retried briefly, as writer threads that an
-    interrupt left running may still be adding files."""
-    for _ in range(50):
-        if path.is_symlink() or path.is_file():
-            path.unlink(missing_ok=True)
-        elif path.exists():
-            shutil.rmtree(path, ignore_errors=True)
-        if not (path.exists() or path.is_symlink()):
-            return
-        time.sleep(0.1)

@@ -17,14 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from ep_jax.images import (  # noqa: F401  (re-exported: the image half of the inputs)
-    BICUBIC,
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    ImageProcessor,
-    ProcessingError,
-    load_image,
-)
+from ep_jax.errors import ProcessingError
+from ep_jax.image_files import load_image  # noqa: F401  (re-exported: the image half of the inputs)
+from ep_jax.images import BICUBIC, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor  # noqa: F401
 
 __all__ = [
     "BICUBIC", "ChatTemplate", "DEFAULT_BUCKETS", "DEFAULT_IMAGE_TOKEN", "ImageProcessor", "OPENAI_CLIP_MEAN",

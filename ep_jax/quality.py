@@ -46,7 +46,8 @@ def default_budgets(num_visual: int, num_layers: int, layer: int) -> tuple[int, 
 
 def _load(model):
     from ep_jax import presets
-    from ep_jax.checkpoint import Model, load
+    from ep_jax.checkpoint import load
+    from ep_jax.runtime.model import Model
 
     if not isinstance(model, Model):
         path = presets.default_model_path() if model is None else Path(model)

@@ -12,7 +12,8 @@ def write_random_checkpoint(dst: Path, text_layers=8, hidden=512, vocab=32000, s
     from safetensors.numpy import save_file
 
     from ep_jax import hf
-    from ep_jax.checkpoint import _shapes, abstract_model
+    from ep_jax.checkpoint import _shapes
+    from ep_jax.runtime.model import abstract_model
     from ep_jax.config import LlavaConfig
     from ep_jax.families import get as get_family
 

@@ -13,7 +13,9 @@ import pytest
 import skimage.data
 
 from ep_jax.errors import InputError
-from ep_jax.images import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, ImageProcessor, ProcessingError, load_image
+from ep_jax.errors import ProcessingError
+from ep_jax.image_files import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, load_image
+from ep_jax.images import ImageProcessor
 
 CAMERA = skimage.data.camera()[::4, ::4].copy()  # 128x128 uint8 gray photo
 CHELSEA = skimage.data.chelsea()  # 300x451 RGB photo

@@ -16,6 +16,7 @@ import pytest
 
 import ep_jax
 from ep_jax import checkpoint as ckpt
+from ep_jax.files import TEST_DELAY_ENV
 from ep_jax import hf
 from ep_jax.errors import (BudgetError, CheckpointError, ConfigError, EpJaxError, InputError, OutputPathError,
                            ProcessingError)
@@ -210,7 +211,7 @@ def test_sigint_during_conversion_leaves_previous_dst(tiny_dirs, tmp_path):
     src = tiny_dirs("mha")[0]
     dst = ep_jax.convert_hf(tiny_dirs("gqa")[0], tmp_path / "ep", progress=False)
     before = _snapshot(dst)
-    env = {**os.environ, ckpt._TEST_DELAY_ENV: "120"}
+    env = {**os.environ, TEST_DELAY_ENV: "120"}
     proc = subprocess.Popen([sys.executable, "convert/hf_to_ep.py", str(src), str(dst), "--overwrite",
                              "--dtype", "float32"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)

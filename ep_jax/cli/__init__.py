@@ -8,9 +8,11 @@ then a line saying so. `--debug` (or EP_JAX_DEBUG=1) shows the traceback for eve
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import os
 import sys
+import threading
 import traceback
 
 from ep_jax.errors import EpJaxError
@@ -32,12 +34,33 @@ def describe_os_error(e: OSError) -> str:
     return f"{e.strerror or e}{where}" if e.strerror else f"{e}"
 
 
+def redeliver_swallowed_interrupts() -> None:
+    """Ctrl-C raises KeyboardInterrupt in whatever Python code runs at that moment; when that is
+    a callback whose exceptions Python ignores (JAX's garbage-collection callback, a __del__),
+    it would be printed as "Exception ignored" and lost. Deliver it again instead, to the main
+    code, a moment later (from a timer thread, so that it arrives after the callback returned;
+    swallowed again, it is delivered again)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_ep_jax_interrupts", False):
+        return
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            threading.Timer(0.05, _thread.interrupt_main).start()
+            return
+        previous(unraisable)
+
+    hook._ep_jax_interrupts = True
+    sys.unraisablehook = hook
+
+
 def run_cli(parser: argparse.ArgumentParser, run, argv=None) -> int:
     """Parse, check, run; map errors to exit statuses (module docstring)."""
     if not any(a.dest == "debug" for a in parser._actions):
         add_debug_flag(parser)
     args = parser.parse_args(argv)
     debug = debug_enabled(args)
+    redeliver_swallowed_interrupts()
     try:
         return run(args)
     except KeyboardInterrupt:

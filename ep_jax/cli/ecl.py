@@ -49,7 +49,7 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     from ep_jax import presets
     from ep_jax.checkpoint import load
-    from ep_jax.images import load_image
+    from ep_jax.image_files import load_image
 
     if args.batch_size < 1:
         raise InputError(f"--batch-size {args.batch_size}: use an int >= 1")

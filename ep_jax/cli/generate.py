@@ -127,7 +127,7 @@ def _run(args) -> int:
     t_start = time.perf_counter()
     check_args(args)
     from ep_jax import checkpoint, presets
-    from ep_jax.images import load_image
+    from ep_jax.image_files import load_image
     from ep_jax.runtime.api import run_generation
 
     images = [load_image(Path(f)) for f in args.image]  # unreadable files fail before the model loads
