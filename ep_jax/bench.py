@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter dtype (default: float32 on CPU, bfloat16 on GPU/TPU; see benchmarks/README.md)")
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--layout", choices=["auto", "stacked", "per_layer"], default="auto",
-                   help="decoder weight layout (checkpoint.LAYOUTS; auto: per_layer on CPU for layers >= 4 MiB)")
+                   help="decoder weight layout (runtime.model.LAYOUTS; auto: per_layer on CPU for layers >= 4 MiB)")
     s.add_argument("--budgets", default="none,192,128,64",
                    help="'none' (unpruned) and A values quoted for N=576; scaled by N/576 for other N")
     s.add_argument("--methods", default="entropy,fastv,random,pool", help=f"comma list of {', '.join(METHODS)}")
@@ -85,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", default="7b")
     c.add_argument("--layers", default=None, help="two (or more) decoder depths, e.g. 8,32 (default: L/4,L)")
     c.add_argument("--layouts", default="stacked,per_layer",
-                   help="decoder weight layouts to compile (checkpoint.LAYOUTS, comma list; default both)")
+                   help="decoder weight layouts to compile (runtime.model.LAYOUTS, comma list; default both)")
     c.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     c.add_argument("--batch", type=int, default=1)
     c.add_argument("--budget", default="64", help="also compile the entropy-pruned prefill at this A ('none': skip)")

@@ -1,7 +1,7 @@
 """`python -m ep_jax.bench compile`: lowering + compile time of the prefill and of one decode
 step, with abstract parameters (`jax.ShapeDtypeStruct`, `checkpoint.abstract_model`): no weight
 is allocated, so the 7B graph compiles on a laptop. Two decoder depths show how compile time
-grows with the number of layers in each decoder weight layout (`checkpoint.LAYOUTS`): not at all
+grows with the number of layers in each decoder weight layout (`runtime.model.LAYOUTS`): not at all
 when the layers run under `lax.scan` (stacked), linearly when the loop is unrolled (per_layer).
 """
 

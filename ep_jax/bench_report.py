@@ -134,7 +134,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Machine: {m['cpu']} ({m['cpu_affinity']} cores usable), {m['backend']} backend, device "
         f"`{m['device_kind']}`; jax {m['jax']}, jaxlib {m['jaxlib']}; {result['timestamp']}  ",
         f"Model: {model['vision']}; {model['decoder']}; {model['params'] / 1e9:.3f} B parameters, random weights; "
-        f"decoder weights `{result.get('layout', 'stacked')}` (`checkpoint.LAYOUTS`)  ",
+        f"decoder weights `{result.get('layout', 'stacked')}` (`runtime.model.LAYOUTS`)  ",
         f"Prompt: a real photo + the LLaVA-1.5 chat prompt = {p['tokens']} tokens ({p['visual_tokens']} visual, "
         f"{p['text_tokens']} text), batch {p['batch']}, "
         + ("exact length (no bucket padding)" if p["padding"] == "exact" else

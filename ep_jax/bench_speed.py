@@ -55,7 +55,7 @@ def ms(seconds: list[float]) -> float:
 
 
 def _compile(fn, *args):
-    """(compiled, seconds): lower + compile ahead of time, like `generate._compiled`."""
+    """(compiled, seconds): lower + compile ahead of time, like `runtime.engine.compiled`."""
     t0 = time.perf_counter()
     compiled = jax.jit(fn).lower(*args).compile()
     return compiled, time.perf_counter() - t0

@@ -7,7 +7,7 @@ For every (method, K, A) the questions of `scenes.generate("test", n, seed)` are
 greedily in batches with the compiled pruned graph; an answer is right when the stripped,
 lower-cased text equals the ground truth. Reported beside accuracy: relative performance
 (% of the unpruned accuracy), agreement with the unpruned answers, and the analytic prefill
-FLOPs / KV-cache reduction (`ep_jax.flops`) at the median prompt length.
+FLOPs / KV-cache reduction (`ep_jax.core.flops`) at the median prompt length.
 """
 
 from __future__ import annotations
