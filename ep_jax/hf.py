@@ -36,6 +36,7 @@ _PREFIXES = (
     ("vision_tower.", "vision_tower.vision_model."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("multi_modal_projector.", "multi_modal_projector."),
+    ("model.image_newline", "image_newline"),  # LLaVA-NeXT (transformers 5 layout)
 )
 # Buffers some checkpoints carry that hold no learned weights.
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|embeddings\.position_ids)$")
@@ -342,14 +343,16 @@ def read_hf_weights(
     shapes: dict,
     dtype,
     progress: Callable[[str], None] | None = None,
+    table: list[Entry] | None = None,
 ) -> dict:
     """Stream an HF checkpoint into a nested dict of numpy arrays in the ep_jax layout.
 
     `shapes` is the nested dict of ep_jax parameter shapes (from the abstract model). Missing,
     unexpected and mis-shaped tensors are all collected and reported in one error; a tensor
-    holding NaN or inf is named at once (`check_finite`).
+    holding NaN or inf is named at once (`check_finite`). `table`: another family's weight table
+    (default: LLaVA's `weight_table(cfg)`).
     """
-    table = weight_table(cfg)
+    table = weight_table(cfg) if table is None else table
     by_name = _expand(table)
     params: dict = {}
     for entry in table:
@@ -402,9 +405,10 @@ def _short(items: list[str], n: int = 6) -> str:
 
 
 # ---------------------------------------------------------------------- writing
-def iter_hf_export(params: dict, cfg: LlavaConfig) -> Iterator[tuple[str, np.ndarray]]:
-    """(hub name, numpy array in HF layout) for every ep_jax parameter."""
-    for entry in weight_table(cfg):
+def iter_hf_export(params: dict, cfg: LlavaConfig, table: list[Entry] | None = None
+                   ) -> Iterator[tuple[str, np.ndarray]]:
+    """(hub name, numpy array in HF layout) for every ep_jax parameter (`table`: as in read_hf_weights)."""
+    for entry in weight_table(cfg) if table is None else table:
         value = np.asarray(_get(params, entry.path))
         kind = _KINDS[entry.kind]
         if entry.num_layers:

@@ -187,3 +187,62 @@ def _config_kwargs(cfg: dict) -> dict:
     kw["vision_config"] = CLIPVisionConfig(**{k: v for k, v in cfg["vision_config"].items() if k != "model_type"})
     kw["text_config"] = LlamaConfig(**{k: v for k, v in cfg["text_config"].items() if k != "model_type"})
     return kw
+
+
+# ---------------------------------------------------------------------- LLaVA-NeXT
+TINY_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+
+
+def build_tiny_llava_next(out_dir: Path, *, seed: int = 0, text: str = "llama", layout: str = "hub", **cfg_kw):
+    """A random tiny LlavaNextForConditionalGeneration (32-px crops, 8-px patches: a 4x4 base grid,
+    AnyRes pinpoints up to 3 tiles) with its LlavaNextProcessor (the PIL image processor).
+    text: "llama" or "mistral" (sliding_window null). Returns (out_dir, torch_model, processor)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessorPil, LlavaNextProcessor, MistralConfig)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(out_dir)
+    image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    extra = {"model_type": "mistral", "sliding_window": None} if text == "mistral" else {}
+    cfg = tiny_config_dict(vocab_size=len(tok), image_token_id=image_token_id, pad_token_id=tok.pad_token_id,
+                           text_extra=extra, **cfg_kw)
+    cfg["model_type"] = "llava_next"
+    cfg["image_grid_pinpoints"] = TINY_PINPOINTS
+    kw = {k: v for k, v in cfg.items() if k not in ("vision_config", "text_config", "model_type")}
+    kw["vision_config"] = CLIPVisionConfig(**{k: v for k, v in cfg["vision_config"].items() if k != "model_type"})
+    text_cls = MistralConfig if text == "mistral" else LlamaConfig
+    kw["text_config"] = text_cls(**{k: v for k, v in cfg["text_config"].items() if k != "model_type"})
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(LlavaNextConfig(**kw)).eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name or "layrnorm" in name or "image_newline" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.mul_(2.0)
+    if layout == "hub":
+        state = hub_state_dict(model)
+        state["image_newline"] = state.pop("model.image_newline")
+    else:
+        state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    if cfg["tie_word_embeddings"]:
+        state = {k: v for k, v in state.items() if "lm_head" not in k}
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg["architectures"] = ["LlavaNextForConditionalGeneration"]
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=1))
+    v = cfg["vision_config"]
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": v["image_size"]}, crop_size={"height": v["image_size"], "width": v["image_size"]},
+        image_grid_pinpoints=TINY_PINPOINTS,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tok, patch_size=v["patch_size"],
+        vision_feature_select_strategy=cfg["vision_feature_select_strategy"], num_additional_image_tokens=1,
+        image_token=IMAGE_TOKEN,
+    )
+    processor.save_pretrained(out_dir)
+    return out_dir, model, processor

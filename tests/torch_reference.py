@@ -26,9 +26,9 @@ def token_entropy_f64(q: torch.Tensor, num_heads: int) -> torch.Tensor:
     return -(lam * lam.log()).sum(-1) / math.log(num_heads)
 
 
-def _merge_image(tm, input_ids, pixel_values):
+def _merge_image(tm, input_ids, pixel_values, **image_kw):
     emb = tm.get_input_embeddings()(input_ids)
-    feats = tm.model.get_image_features(pixel_values=pixel_values)
+    feats = tm.model.get_image_features(pixel_values=pixel_values, **image_kw)
     feats = feats.pooler_output if hasattr(feats, "pooler_output") else feats
     feats = torch.cat(list(feats), 0) if isinstance(feats, (list, tuple)) else feats.reshape(-1, emb.shape[-1])
     mask = input_ids == tm.config.image_token_id
@@ -38,10 +38,14 @@ def _merge_image(tm, input_ids, pixel_values):
 
 
 @torch.no_grad()
-def pruned_forward(tm, input_ids, pixel_values, layer: int, keep: int):
-    """Logits [1, S', V] of the kept rows and the kept positions [S'] (batch of one)."""
+def pruned_forward(tm, input_ids, pixel_values, layer: int, keep: int, *, stable_ties: bool = False, **image_kw):
+    """Logits [1, S', V] of the kept rows and the kept positions [S'] (batch of one). `image_kw`:
+    further arguments of the model's get_image_features (LLaVA-NeXT: image_sizes); all of an
+    image's tokens (LLaVA-NeXT: base, tiles and newlines) compete in the one top-R.
+    `stable_ties`: equal scores keep the earlier token (LLaVA-NeXT's newline tokens all score the
+    same at K = 1; torch.topk leaves their order unspecified)."""
     lm = tm.model.language_model
-    h = _merge_image(tm, input_ids, pixel_values)
+    h = _merge_image(tm, input_ids, pixel_values, **image_kw)
     s = h.shape[1]
     pos = torch.arange(s)[None]
     is_visual = (input_ids[0] == tm.config.image_token_id)
@@ -52,7 +56,8 @@ def pruned_forward(tm, input_ids, pixel_values, layer: int, keep: int):
             q = block_prev.self_attn.q_proj(block_prev.input_layernorm(h_prev))[0]  # noqa: F821
             visual = torch.nonzero(is_visual).flatten()
             scores = token_entropy_f64(q[visual], num_heads)
-            top = visual[torch.topk(scores, keep).indices]
+            order = torch.argsort(-scores, stable=True)[:keep] if stable_ties else torch.topk(scores, keep).indices
+            top = visual[order]
             kept = torch.sort(torch.cat([torch.nonzero(~is_visual).flatten(), top])).values
             h, pos = h[:, kept], pos[:, kept]
         n = h.shape[1]

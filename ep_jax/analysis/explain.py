@@ -17,13 +17,14 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def score_grid(gen, example: int = 0, image: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Scores and kept flags of one image of one example on its (h, w) token grid (tokens off
-    the grid, such as a CLS token, are left out)."""
+def score_grid(gen, example: int = 0, image: int = 0, t: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and kept flags of one image of one example on its (h, w) token grid at time step
+    / view `t` (LLaVA-NeXT: 0 the base view, 1 the tiles; tokens off the grid, such as a CLS or
+    a row-end newline token, are left out)."""
     spans = gen.spans.example(example)
     scores = np.asarray(gen.prefill.scores[example], np.float64)[np.asarray(gen.spans.valid[example])]
     kept_seq = np.asarray(gen.prefill.kept_mask[example])
-    mine = (spans.image[0] == image) & (spans.coords[0, :, 0] >= 0)
+    mine = (spans.image[0] == image) & (spans.coords[0, :, 0] == t)
     if not mine.any():
         raise InputError(f"example {example} has no image {image} to explain")
     coords = spans.coords[0, mine]
@@ -43,7 +44,7 @@ def pixels_to_image(pixels: np.ndarray, mean, std) -> np.ndarray:
 
 def write_explanation(path: str | Path, gen, example: int = 0, mean=CLIP_MEAN, std=CLIP_STD) -> Path:
     """Two panels: the model's view of the example's first image with pruned patches dimmed,
-    and the scores."""
+    and the scores. For an image seen at several views (LLaVA-NeXT) this draws the base view."""
     import matplotlib
 
     matplotlib.use("Agg")

@@ -32,6 +32,9 @@ from ep_jax.runtime.sampling import sample
 
 # The pruning of `generate` when none is given: the model preset's (see `default_prune`).
 PRESET = "preset"
+# R_max (the static number of kept visual rows) is rounded up to a multiple of this when the
+# visual slots are bucketed, i.e. when N differs from image to image (LLaVA-NeXT).
+R_BUCKET = 32
 # Kept-row counts are rounded up to these when a batch mixes very different visual counts.
 KEPT_BUCKETS = (64, 128, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 
@@ -132,10 +135,13 @@ def resolve_stage(model: Model, prune: PruneConfig | None, inputs: dict, spans: 
     valid = np.asarray(inputs["attention_mask"], bool)
     seq_len, n = valid.shape[1], spans.num_slots
     need = int((valid.sum(1) - counts + keep).max())  # every example's text plus its own R
-    kept_len = seq_len - n + int(keep.max())
+    r_max = int(keep.max())
+    if counts.max() < n:  # visual slots bucketed (N varies by image): bucket R_max too, so that
+        r_max = min(-(-r_max // R_BUCKET) * R_BUCKET, n)  # a new image's own R rarely recompiles
+    kept_len = seq_len - n + r_max
     if kept_len < need:  # rows with fewer visual tokens than the widest one and long text
         kept_len = min(next((k for k in KEPT_BUCKETS if k >= need), seq_len), seq_len)
-    stage = PruneStage(config=prune, layer=int(prune.layer), keep=int(keep.max()), num_visual=n, kept_len=kept_len)
+    stage = PruneStage(config=prune, layer=int(prune.layer), keep=r_max, num_visual=n, kept_len=kept_len)
     extra = {"keep": keep.astype(np.int32),
              "pool": pool_spans_scores(spans, keep) if prune.method == "pool" else None}
     return stage, extra
@@ -156,9 +162,10 @@ def _auto_layer(model: Model, inputs: dict, spans: VisualSpans) -> int:
     return model.compiled["measured_layer"]
 
 
-def prepare(model: Model, *arrays, prune: PruneConfig | None = None):
-    """Checked model inputs, visual spans, the prune stage and its per-example arrays."""
-    inputs, spans = model.family.inputs(model.config, *arrays, dtype=np.dtype(model.dtype))
+def prepare(model: Model, *arrays, prune: PruneConfig | None = None, **extra):
+    """Checked model inputs, visual spans, the prune stage and its per-example arrays. `extra`:
+    the family's further processor arrays (LLaVA-NeXT: image_sizes)."""
+    inputs, spans = model.family.inputs(model.config, *arrays, dtype=np.dtype(model.dtype), **extra)
     stage, extra = resolve_stage(model, prune, inputs, spans)
     return inputs, spans, stage, extra
 
@@ -178,14 +185,14 @@ class ForwardOutput:
 
 
 def forward(model: Model, input_ids, pixel_values=None, attention_mask=None,
-            prune: PruneConfig | None = None) -> ForwardOutput:
+            prune: PruneConfig | None = None, **extra) -> ForwardOutput:
     """Logits for inputs as Hugging Face's processor returns them (padding on either side).
 
     With pruning, the rows are the kept tokens (`positions` gives their original index,
     `row_valid` which rows are real); in the "mask" mode all rows are returned.
     """
     _check_prune(prune, allow_preset=False)
-    inputs, spans, stage, extra = prepare(model, input_ids, pixel_values, attention_mask, prune=prune)
+    inputs, spans, stage, extra = prepare(model, input_ids, pixel_values, attention_mask, prune=prune, **extra)
     args = (model.state, inputs, spans, extra)
     fn = compiled(model, prefill_logits, dict(stage=stage, decode_room=0, all_logits=True), args)
     logits, res = fn(*args)
@@ -289,7 +296,9 @@ def run_generation(
             f"model context of {max_len} tokens; lower --max-new-tokens or shorten the prompt"
         )
     pixel_values = enc["pixel_values"] if len(enc["pixel_values"]) else None
-    inputs, spans, stage, extra = prepare(model, enc["input_ids"], pixel_values, enc["attention_mask"], prune=prune)
+    more = {k: v for k, v in enc.items() if k not in ("input_ids", "pixel_values", "attention_mask", "lengths")}
+    inputs, spans, stage, extra = prepare(model, enc["input_ids"], pixel_values, enc["attention_mask"], prune=prune,
+                                          **more)
     room = room_for(max_new_tokens)
     compile_before = compile_stats(model)["compile_s"]
 
