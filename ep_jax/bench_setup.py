@@ -229,7 +229,7 @@ def default_dtype() -> str:
 
 
 # ------------------------------------------------------------------------------- model
-def random_model(cfg: LlavaConfig, dtype: str, seed: int = 0, layout: str = "auto"):
+def random_model(cfg: LlavaConfig, dtype: str, seed: int = 0, layout: str = "auto", family=LLAVA):
     """A `checkpoint.Model` with random weights, initialised like `init_model` (normal(0, 0.02),
     norm scales 1, biases 0) but leaf by leaf (numpy on CPU, where `jax.random` is ~10x slower;
     on the device elsewhere), so a 7B model never needs two copies in memory."""
@@ -240,7 +240,7 @@ def random_model(cfg: LlavaConfig, dtype: str, seed: int = 0, layout: str = "aut
     from ep_jax.runtime.model import DTYPES, abstract_model, from_params
 
     jdtype = DTYPES[dtype]
-    abstract = nnx.to_pure_dict(abstract_model(LLAVA, cfg, jdtype)[1])
+    abstract = nnx.to_pure_dict(abstract_model(family, cfg, jdtype)[1])
     rng = np.random.default_rng(seed)
     on_cpu = jax.default_backend() == "cpu"
     key = jax.random.key(seed)
@@ -258,4 +258,4 @@ def random_model(cfg: LlavaConfig, dtype: str, seed: int = 0, layout: str = "aut
         return (0.02 * jax.random.normal(sub, leaf.shape, jnp.float32)).astype(jdtype)
 
     params = jax.tree_util.tree_map_with_path(fill, abstract)
-    return from_params(LLAVA, cfg, params, jdtype, layout=layout)
+    return from_params(family, cfg, params, jdtype, layout=layout)

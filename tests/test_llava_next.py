@@ -284,3 +284,10 @@ def test_buckets_keep_graphs_and_padding_small_for_random_aspect_ratios():
     assert len(set(zip(seq, slots))) <= 6
     assert np.mean([(s - n - 10) / s for s, n in zip(seq, n_tok)]) < 0.06
     assert np.mean([(s - n) / s for s, n in zip(slots, n_tok)]) < 0.06
+    # --keep-avg 320: each image's own R, rounded up to R_BUCKET as the runtime does when the
+    # slots are bucketed: 8 graph keys (32 without the rounding).
+    from ep_jax.core.budget import budget
+    from ep_jax.runtime.api import R_BUCKET
+
+    r_max = [min(-(-budget(320, 32, 2, n) // R_BUCKET) * R_BUCKET, s) for n, s in zip(n_tok, slots)]
+    assert len(set(zip(seq, slots, r_max))) <= 8
