@@ -257,13 +257,17 @@ def test_cli_runs_a_hugging_face_llava_next_directory(next_dirs, tmp_path):
     img = tmp_path / "tall.png"
     PIL.Image.fromarray(_images()[0]).save(img)
     r = subprocess.run([sys.executable, "-m", "ep_jax.generate", "--model", str(d), "--image", str(img), "--prompt",
-                        PROMPTS[0], "--max-new-tokens", "6", "--prune-layer", "2", "--keep-avg", "40", "--json"],
+                        PROMPTS[0], "--max-new-tokens", "6", "--prune-layer", "2", "--keep-avg", "40", "--json",
+                        "--explain", str(tmp_path / "kept.png")],
                        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=600)
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout)["token_ids"][0]
     want = ep_jax.generate(model, [PIL.Image.open(img)], [PROMPTS[0]], max_new_tokens=6,
                            prune=PruneConfig(layer=2, avg_keep=40), return_ids=True)[1][0]
     assert got == want
+    # --explain: the base view, its scores and the kept tile patches on the original image
+    width, height = PIL.Image.open(tmp_path / "kept.png").size
+    assert width > 2.5 * height
 
 
 def test_buckets_keep_graphs_and_padding_small_for_random_aspect_ratios():

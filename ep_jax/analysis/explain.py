@@ -42,9 +42,33 @@ def pixels_to_image(pixels: np.ndarray, mean, std) -> np.ndarray:
     return np.clip(img, 0.0, 1.0)
 
 
-def write_explanation(path: str | Path, gen, example: int = 0, mean=CLIP_MEAN, std=CLIP_STD) -> Path:
-    """Two panels: the model's view of the example's first image with pruned patches dimmed,
-    and the scores. For an image seen at several views (LLaVA-NeXT) this draws the base view."""
+def _has_view(gen, example: int, t: int) -> bool:
+    spans = gen.spans.example(example)
+    return bool(((spans.image[0] == 0) & (spans.coords[0, :, 0] == t)).any())
+
+
+def _draw_kept(ax, img: np.ndarray, kept: np.ndarray) -> None:
+    """`img` with the cells of the `kept` grid outlined and the others dimmed; the grid is
+    stretched over the whole image (cells need not be square)."""
+    import matplotlib.pyplot as plt
+
+    h, w = img.shape[:2]
+    gh, gw = kept.shape
+    ch, cw = h / gh, w / gw
+    rows = np.minimum((np.arange(h) / ch).astype(int), gh - 1)
+    cols = np.minimum((np.arange(w) / cw).astype(int), gw - 1)
+    mask = kept[rows[:, None], cols[None, :]][..., None]
+    ax.imshow(img * (0.25 + 0.75 * mask))
+    for (y, x) in zip(*np.nonzero(kept)):
+        ax.add_patch(plt.Rectangle((x * cw - 0.5, y * ch - 0.5), cw, ch, fill=False, lw=0.6, ec="yellow"))
+
+
+def write_explanation(path: str | Path, gen, example: int = 0, mean=CLIP_MEAN, std=CLIP_STD,
+                      image=None) -> Path:
+    """The model's view of the example's first image with pruned patches dimmed, and the scores.
+    For an image seen at several views (LLaVA-NeXT: a base view and tiles), the base view is
+    drawn, and, given the original `image` (an RGB array), the kept tile cells on it too (the
+    un-padded tile grid covers the original image)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,21 +80,21 @@ def write_explanation(path: str | Path, gen, example: int = 0, mean=CLIP_MEAN, s
                       for i in range(example))
     img = pixels_to_image(np.asarray(gen.inputs["pixel_values"][first_image], np.float32), mean, std)
 
-    g = kept.shape[0]
-    p = img.shape[0] // g
-    mask = np.kron(kept, np.ones((p, p)))[..., None]
-    shown = img[: p * g, : p * kept.shape[1]] * (0.25 + 0.75 * mask)
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8))
-    axes[0].imshow(shown)
-    for (y, x) in zip(*np.nonzero(kept)):
-        axes[0].add_patch(plt.Rectangle((x * p - 0.5, y * p - 0.5), p, p, fill=False, lw=0.6, ec="yellow"))
+    tiles = image is not None and _has_view(gen, example, 1)
+    fig, axes = plt.subplots(1, 3 if tiles else 2, figsize=(15 if tiles else 10, 4.8))
     keep = stage.keep if gen.keep is None else int(gen.keep[example])
-    axes[0].set_title(f"kept {int(kept.sum())}/{kept.size} patches (K={stage.layer}, R={keep})")
+    view = " of the base view" if _has_view(gen, example, 1) else ""
+    _draw_kept(axes[0], img, kept)
+    axes[0].set_title(f"kept {int(kept.sum())}/{kept.size} patches{view} (K={stage.layer}, R={keep})")
     im = axes[1].imshow(np.where(np.isfinite(scores), scores, np.nan), cmap="magma")
     axes[1].set_title(f"{stage.config.method} score ({stage.config.source})" if stage.config.method == "entropy"
                       else f"{stage.config.method} score")
     fig.colorbar(im, ax=axes[1], fraction=0.046)
+    if tiles:
+        _, tile_kept = score_grid(gen, example, t=1)
+        original = np.asarray(image, np.float32)
+        _draw_kept(axes[2], original / 255.0 if original.max() > 1 else original, tile_kept)
+        axes[2].set_title(f"kept {int(tile_kept.sum())}/{tile_kept.size} tile patches on the original image")
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])

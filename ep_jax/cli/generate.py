@@ -126,6 +126,8 @@ def prune_config(args, preset):
 def _run(args) -> int:
     t_start = time.perf_counter()
     check_args(args)
+    import numpy as np
+
     from ep_jax import checkpoint, presets
     from ep_jax.image_files import load_image
     from ep_jax.runtime.api import run_generation
@@ -168,7 +170,8 @@ def _run(args) -> int:
         from ep_jax.analysis.explain import write_explanation
 
         ip = model.processor.image_processor
-        write_explanation(args.explain, gen, example=0, mean=ip.image_mean, std=ip.image_std)
+        write_explanation(args.explain, gen, example=0, mean=ip.image_mean, std=ip.image_std,
+                          image=np.asarray(images[0].convert("RGB")))
 
     if args.json:
         timings = {"load_s": load_s, **gen.timings, "total_s": time.perf_counter() - t_start}
