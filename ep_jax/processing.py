@@ -75,6 +75,11 @@ TEMPLATES: dict[str, ChatTemplate] = {
     "vicuna_v1": ChatTemplate("vicuna_v1", _VICUNA_SYSTEM + " USER: ", " ASSISTANT:", "{image}\n"),
     # The prompt format on the llava-hf model cards (no system prompt).
     "llava_hf": ChatTemplate("llava_hf", "USER: ", " ASSISTANT:", "{image}\n"),
+    # llava-v1.6-mistral-7b-hf (its model card): "[INST] <image>\n{prompt} [/INST]".
+    "mistral_instruct": ChatTemplate("mistral_instruct", "[INST] ", " [/INST]", "{image}\n"),
+    # llava-v1.6-34b-hf (ChatML, its model card's system prompt).
+    "chatml": ChatTemplate("chatml", "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n",
+                           "<|im_end|><|im_start|>assistant\n", "{image}\n"),
     # The prompt as is: the caller places the image tokens.
     "raw": ChatTemplate("raw"),
 }

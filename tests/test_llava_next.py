@@ -295,3 +295,22 @@ def test_buckets_keep_graphs_and_padding_small_for_random_aspect_ratios():
 
     r_max = [min(-(-budget(320, 32, 2, n) // R_BUCKET) * R_BUCKET, s) for n, s in zip(n_tok, slots)]
     assert len(set(zip(seq, slots, r_max))) <= 8
+
+
+def test_presets_use_the_model_cards_prompt_formats():
+    from ep_jax import presets
+    from ep_jax.processing import format_prompt
+
+    q = "What is shown in this image?"
+    want = {
+        "llava-v1.6-vicuna-7b-hf": "A chat between a curious human and an artificial intelligence assistant. The "
+        "assistant gives helpful, detailed, and polite answers to the human's questions. USER: <image>\n" + q
+        + " ASSISTANT:",
+        "llava-v1.6-mistral-7b-hf": f"[INST] <image>\n{q} [/INST]",
+        "llava-v1.6-34b-hf": "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\n"
+        + q + "<|im_end|><|im_start|>assistant\n",
+    }
+    for name, text in want.items():
+        preset = presets.get(name)
+        assert preset.prune_layer == 2 and preset.supported
+        assert format_prompt(q, preset.template) == text, name
