@@ -314,3 +314,18 @@ def test_presets_use_the_model_cards_prompt_formats():
         preset = presets.get(name)
         assert preset.prune_layer == 2 and preset.supported
         assert format_prompt(q, preset.template) == text, name
+
+
+def test_entropy_collapse_profile_runs_on_this_family(next_dirs):
+    """The ECL profile reads every layer through the runtime's observer, with each row's own N
+    (base, tile and newline tokens); per-example set entropies equal profiling each alone."""
+    from ep_jax.analysis import ecl
+
+    *_, model = next_dirs("llama")
+    images = [PIL.Image.fromarray(im) for im in _images()]
+    prof = ecl.profile_images(model, images, batch_size=2, progress=False)
+    alone = [ecl.profile_images(model, [im], progress=False) for im in images]
+    assert prof.set_entropy.shape == (2, model.config.text.num_layers + 1)
+    for i in range(2):
+        np.testing.assert_allclose(prof.set_entropy[i], alone[i].set_entropy[0], atol=1e-4)
+    assert isinstance(ecl.find_ecl(prof).message, str)
