@@ -118,6 +118,7 @@ PLACE = {  # top-level modules outside the layer folders
     "checkpoint": "io", "presets": "io",
     "generate": "cli", "ecl": "cli", "bench": "cli", "bench_setup": "cli", "bench_speed": "cli",
     "bench_compile": "cli", "bench_report": "cli", "quality": "cli", "train": "cli", "data": "cli",
+    "eval": "cli", "serve": "cli",
 }
 
 
