@@ -63,6 +63,12 @@ class TextConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
+    o_bias: bool | None = None  # bias on the attention output; None: as `attention_bias` (Qwen2: False)
+    mrope_section: tuple[int, ...] | None = None  # M-RoPE (Qwen2-VL): positions [3, b, s], rows per section
+
+    @property
+    def attention_o_bias(self) -> bool:
+        return self.attention_bias if self.o_bias is None else self.o_bias
 
 
 @dataclasses.dataclass(frozen=True)

@@ -80,6 +80,9 @@ _KINDS = {
     "conv": _Kind(
         lambda a, s: a.transpose(1, 2, 3, 0), lambda a: a.transpose(3, 0, 1, 2), lambda s: (s[3], s[0], s[1], s[2])
     ),
+    # 3-D patch conv [d, c, t, p, p] -> [c, t, p, p, d] (Qwen2-VL's patch embedding)
+    "conv3d": _Kind(lambda a, s: a.transpose(1, 2, 3, 4, 0), lambda a: a.transpose(4, 0, 1, 2, 3),
+                    lambda s: (s[4], s[0], s[1], s[2], s[3])),
 }
 
 
@@ -313,8 +316,10 @@ def shard_files(src: str | Path) -> list[Path]:
     return files
 
 
-def iter_hf_tensors(src: str | Path) -> Iterator[tuple[str, np.ndarray]]:
-    """(hub name, numpy array) for every tensor, one at a time."""
+def iter_hf_tensors(src: str | Path, name_of: Callable[[str], str | None] = hub_name
+                    ) -> Iterator[tuple[str, np.ndarray]]:
+    """(hub name, numpy array) for every tensor, one at a time (`name_of`: checkpoint key ->
+    the hub name, None to skip; default LLaVA's `hub_name`)."""
     from safetensors import safe_open
 
     for f in shard_files(src):
@@ -327,7 +332,7 @@ def iter_hf_tensors(src: str | Path) -> Iterator[tuple[str, np.ndarray]]:
         except Exception as e:  # safetensors raises its own error types for corrupt files
             raise CheckpointError(f"cannot read shard {f}: {e} (re-download or re-convert it)") from None
         for key in keys:
-            name = hub_name(key)
+            name = name_of(key)
             if name is None:
                 continue
             try:
@@ -344,13 +349,14 @@ def read_hf_weights(
     dtype,
     progress: Callable[[str], None] | None = None,
     table: list[Entry] | None = None,
+    name_of: Callable[[str], str | None] = hub_name,
 ) -> dict:
     """Stream an HF checkpoint into a nested dict of numpy arrays in the ep_jax layout.
 
     `shapes` is the nested dict of ep_jax parameter shapes (from the abstract model). Missing,
     unexpected and mis-shaped tensors are all collected and reported in one error; a tensor
     holding NaN or inf is named at once (`check_finite`). `table`: another family's weight table
-    (default: LLaVA's `weight_table(cfg)`).
+    (default: LLaVA's `weight_table(cfg)`); `name_of`: checkpoint key -> hub name (default `hub_name`).
     """
     table = weight_table(cfg) if table is None else table
     by_name = _expand(table)
@@ -358,7 +364,7 @@ def read_hf_weights(
     for entry in table:
         _set(params, entry.path, np.empty(_get(shapes, entry.path), dtype=dtype))
     seen, unexpected, misshaped = set(), [], []
-    for name, arr in iter_hf_tensors(src):
+    for name, arr in iter_hf_tensors(src, name_of):
         if name not in by_name:
             unexpected.append(name)
             continue

@@ -29,6 +29,7 @@ class Preset:
     prune_layer: int | None = None  # K, the Entropy Collapse Layer setting
     prune_layer_source: str | None = None  # "paper" | "measured"
     default_avg_keep: int | None = None  # A used when the user gives no budget
+    default_keep_ratio: float | None = None  # or a layer-averaged fraction of each example's N
     budgets: tuple[int, ...] = ()  # A values of the published tables
     match: dict[str, Any] = dataclasses.field(default_factory=dict)  # config fields that identify it
     supported: bool = True  # False: listed for its settings; ep_jax cannot run it yet

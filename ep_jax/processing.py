@@ -80,6 +80,10 @@ TEMPLATES: dict[str, ChatTemplate] = {
     # llava-v1.6-34b-hf (ChatML, its model card's system prompt).
     "chatml": ChatTemplate("chatml", "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n",
                            "<|im_end|><|im_start|>assistant\n", "{image}\n"),
+    # Qwen2.5-VL-*-Instruct's chat template (its default system prompt, one vision block per image).
+    "qwen2_5_vl": ChatTemplate("qwen2_5_vl", "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                               "<|im_start|>user\n", "<|im_end|>\n<|im_start|>assistant\n",
+                               "<|vision_start|>{image}<|vision_end|>"),
     # The prompt as is: the caller places the image tokens.
     "raw": ChatTemplate("raw"),
 }

@@ -246,3 +246,90 @@ def build_tiny_llava_next(out_dir: Path, *, seed: int = 0, text: str = "llama", 
     )
     processor.save_pretrained(out_dir)
     return out_dir, model, processor
+
+
+# ---------------------------------------------------------------------- Qwen2.5-VL
+QWEN_VOCAB = 300
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+QWEN_PAD, QWEN_EOS, QWEN_VSTART, QWEN_VEND, QWEN_IMAGE, QWEN_VIDEO = 0, 2, 3, 4, 5, 6
+
+
+def build_qwen_tokenizer(out_dir: Path):
+    """A small byte-level BPE tokenizer with Qwen's special tokens at ids 0..6."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=QWEN_VOCAB, special_tokens=QWEN_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS * 4 + ["system user assistant You are a helpful assistant."] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   extra_special_tokens={"image_token": "<|image_pad|>"})
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def qwen2_5_vl_config_dict(*, tie: bool = False, text_layers: int = 8) -> dict:
+    """The hub's flat config.json of a tiny Qwen2.5-VL (text fields at the top level)."""
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+        "vocab_size": QWEN_VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": text_layers,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+        "max_position_embeddings": 1024, "tie_word_embeddings": tie, "hidden_act": "silu",
+        "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        "image_token_id": QWEN_IMAGE, "video_token_id": QWEN_VIDEO, "vision_start_token_id": QWEN_VSTART,
+        "vision_end_token_id": QWEN_VEND, "bos_token_id": None, "eos_token_id": QWEN_EOS, "pad_token_id": QWEN_PAD,
+        "vision_config": {"depth": 4, "hidden_size": 32, "intermediate_size": 48, "num_heads": 2, "in_chans": 3,
+                          "patch_size": 14, "temporal_patch_size": 2, "spatial_merge_size": 2, "window_size": 56,
+                          "out_hidden_size": 64, "fullatt_block_indexes": [1, 3], "hidden_act": "silu",
+                          "tokens_per_second": 2},
+    }
+
+
+def build_tiny_qwen2_5_vl(out_dir: Path, *, seed: int = 0, layout: str = "hub", tie: bool = False):
+    """A random tiny Qwen2_5_VLForConditionalGeneration saved with the flat hub config.json and
+    hub weight names (`model.*`, `visual.*`, `lm_head.*`; layout "v5": transformers 5's).
+    Returns (out_dir, torch_model)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    flat = qwen2_5_vl_config_dict(tie=tie)
+    text = {k: v for k, v in flat.items() if k not in ("vision_config", "architectures", "model_type",
+                                                      "rope_scaling")}
+    text["rope_parameters"] = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+    build_qwen_tokenizer(out_dir)
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=flat["vision_config"],
+                              image_token_id=QWEN_IMAGE, video_token_id=QWEN_VIDEO, vision_start_token_id=QWEN_VSTART,
+                              vision_end_token_id=QWEN_VEND, tie_word_embeddings=tie)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name or "ln_q" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.mul_(2.0)
+    state = {}
+    for k, v in model.state_dict().items():
+        if layout == "hub":
+            if k.startswith("model.language_model."):
+                k = "model." + k[len("model.language_model."):]
+            elif k.startswith("model.visual."):
+                k = "visual." + k[len("model.visual."):]
+        state[k] = v.detach().contiguous().clone()
+    if tie:
+        state = {k: v for k, v in state.items() if "lm_head" not in k}
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    (out_dir / "config.json").write_text(json.dumps(flat, indent=1))
+    from transformers import Qwen2VLImageProcessorPil
+
+    Qwen2VLImageProcessorPil().save_pretrained(out_dir)
+    return out_dir, model

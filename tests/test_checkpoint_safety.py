@@ -59,9 +59,9 @@ def no_reads(monkeypatch):
     reads = []
     real_iter, real_load = hf.iter_hf_tensors, ckpt.load
 
-    def iter_hf_tensors(src):
+    def iter_hf_tensors(src, *args, **kwargs):
         reads.append(src)
-        return real_iter(src)
+        return real_iter(src, *args, **kwargs)
 
     def load(*a, **k):
         reads.append(a[0])

@@ -159,3 +159,17 @@ def test_cli_entry_imports_each_module_once():
             "print('ep_jax.generate' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip().endswith("False"), out.stdout
+
+
+def test_default_pruning_comes_from_the_preset():
+    """A preset's default budget: an average A, else a fraction of each example's N (models
+    whose N varies with the image size, such as Qwen2.5-VL); nothing without K or a budget."""
+    from ep_jax.presets import Preset, get
+    from ep_jax.runtime.api import default_prune
+
+    assert default_prune(Preset(name="a", prune_layer=2, default_avg_keep=64)) == PruneConfig(layer=2, avg_keep=64)
+    assert default_prune(Preset(name="r", prune_layer=1, default_keep_ratio=0.25)) == PruneConfig(
+        layer=1, keep_ratio=0.25)
+    assert default_prune(Preset(name="none", prune_layer=2)) is None
+    assert default_prune(None) is None
+    assert default_prune(get("qwen2.5-vl-7b-instruct")) == PruneConfig(layer=1, keep_ratio=0.25)

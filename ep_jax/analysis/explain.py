@@ -78,7 +78,14 @@ def write_explanation(path: str | Path, gen, example: int = 0, mean=CLIP_MEAN, s
     scores, kept = score_grid(gen, example)
     first_image = sum(int(np.asarray(gen.spans.image[i])[np.asarray(gen.spans.valid[i])].max(initial=-1)) + 1
                       for i in range(example))
-    img = pixels_to_image(np.asarray(gen.inputs["pixel_values"][first_image], np.float32), mean, std)
+    pixels = np.asarray(gen.inputs["pixel_values"])
+    if pixels.ndim == 4:  # [crops or images, 3, H, W]: the model's own view of the image
+        img = pixels_to_image(pixels[first_image].astype(np.float32), mean, std)
+    elif image is not None:  # flattened patches (Qwen2.5-VL): the original image, resized by the grid
+        img = np.asarray(image, np.float32)
+        img = img / 255.0 if img.max() > 1 else img
+    else:
+        raise InputError("--explain needs the original image for a model whose pixel values are patches")
 
     tiles = image is not None and _has_view(gen, example, 1)
     fig, axes = plt.subplots(1, 3 if tiles else 2, figsize=(15 if tiles else 10, 4.8))

@@ -115,10 +115,11 @@ def prune_config(args, preset):
     elif layer != "auto":
         layer = int(layer)
     keep, avg, ratio = budgets
-    if all(b is None for b in budgets):
-        if preset is None or preset.default_avg_keep is None:
+    if all(b is None for b in budgets):  # the preset's default budget
+        avg = None if preset is None else preset.default_avg_keep
+        ratio = None if preset is None or avg is not None else preset.default_keep_ratio
+        if avg is None and ratio is None:
             raise InputError("give a budget: --keep-avg A (e.g. 64), --keep R or --keep-ratio 0.25")
-        avg = preset.default_avg_keep
     return PruneConfig(method=method, layer=layer, avg_keep=avg, keep=keep, keep_ratio=ratio, source=args.score_source)
 
 

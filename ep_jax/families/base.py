@@ -66,3 +66,4 @@ def get(name: str) -> Family:
 def _load_builtin() -> None:
     import ep_jax.families.llava  # noqa: F401  (registers itself)
     import ep_jax.families.llava_next  # noqa: F401
+    import ep_jax.families.qwen2_5_vl  # noqa: F401

@@ -13,6 +13,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
@@ -21,13 +22,18 @@ from ep_jax.nn.layers import RMSNorm, activation, attend, attend_causal, dense, 
 
 
 def rope(x: Float[Array, "b t n h"], positions: Int[Array, "b t"], cfg: TextConfig) -> Float[Array, "b t n h"]:
-    """Rotary embedding, Hugging Face `rotate_half` convention, optional linear scaling."""
+    """Rotary embedding, Hugging Face `rotate_half` convention, optional linear scaling.
+    With `cfg.mrope_section` (M-RoPE, Qwen2-VL), positions are [3, b, t] (temporal, height,
+    width) and frequency band i of the sections takes its angles from row i % 3."""
     h = x.shape[-1]
     inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
     pos = positions.astype(jnp.float32)
     if cfg.rope_scaling_factor is not None:
         pos = pos / cfg.rope_scaling_factor
-    angles = pos[..., None] * inv_freq  # [b, t, h/2]
+    angles = pos[..., None] * inv_freq  # [b, t, h/2] ([3, b, t, h/2] for M-RoPE)
+    if cfg.mrope_section is not None:
+        row = np.repeat(np.arange(len(cfg.mrope_section)) % 3, cfg.mrope_section)  # [h/2]
+        angles = jnp.moveaxis(angles, 0, -1)[..., np.arange(h // 2), row]  # [b, t, h/2]
     angles = jnp.concatenate([angles, angles], -1)[:, :, None, :]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     x32 = x.astype(jnp.float32)
@@ -61,6 +67,7 @@ class Attention(nnx.Module):
             self.q_bias = param(None, (n, h), dtype)
             self.k_bias = param(None, (k, h), dtype)
             self.v_bias = param(None, (k, h), dtype)
+        if cfg.attention_o_bias:
             self.o_bias = param(None, (d,), dtype)
 
     def project(self, x: Float[Array, "b t d"]) -> Projections:
@@ -73,7 +80,7 @@ class Attention(nnx.Module):
 
     def output(self, attn: Float[Array, "b t n h"]) -> Float[Array, "b t d"]:
         out = dense(attn, self.o[...], "btnh,nhd->btd")
-        if self.cfg.attention_bias:
+        if self.cfg.attention_o_bias:
             out = out + self.o_bias[...]
         return out
 

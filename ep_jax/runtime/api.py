@@ -109,10 +109,16 @@ def first_token(graphdef, logits, cache, key, temperature, top_p, **kw):
 # ---------------------------------------------------------------------- pruning setup
 def default_prune(preset) -> PruneConfig | None:
     """The pruning `generate` and the CLI use when none is given: EntropyPrune at the preset's
-    K with its default budget; no pruning for a model without a preset (or without a K)."""
-    if preset is None or preset.prune_layer is None or preset.default_avg_keep is None:
+    K with its default budget (`default_avg_keep` A, or `default_keep_ratio` of each example's
+    N); no pruning for a model without a preset (or without a K or a budget)."""
+    if preset is None or preset.prune_layer is None:
         return None
-    return PruneConfig(method="entropy", layer=preset.prune_layer, avg_keep=preset.default_avg_keep)
+    if preset.default_avg_keep is not None:
+        return PruneConfig(method="entropy", layer=preset.prune_layer, avg_keep=preset.default_avg_keep)
+    ratio = getattr(preset, "default_keep_ratio", None)
+    if ratio is not None:
+        return PruneConfig(method="entropy", layer=preset.prune_layer, keep_ratio=ratio)
+    return None
 
 
 def resolve_stage(model: Model, prune: PruneConfig | None, inputs: dict, spans: VisualSpans,
