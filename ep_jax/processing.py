@@ -33,6 +33,24 @@ DEFAULT_BUCKETS = (64, 128, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072, 409
 DEFAULT_IMAGE_TOKEN = "<image>"
 
 
+class TaggedPixels(np.ndarray):
+    """Pixel values that carry, as attributes, the per-image arrays a family needs beside them
+    (LLaVA-NeXT's `image_sizes`, Qwen2.5-VL's `image_grid_thw`), so a caller that passes only
+    `pixel_values` on (the ECL profile, benchmarks) still gives the family what it needs."""
+
+    def __new__(cls, pixels, **arrays):
+        obj = np.asarray(pixels).view(cls)
+        obj._tags = tuple(arrays)
+        for name, value in arrays.items():
+            setattr(obj, name, np.asarray(value))
+        return obj
+
+    def __array_finalize__(self, obj):
+        self._tags = getattr(obj, "_tags", ())
+        for name in self._tags:
+            setattr(self, name, getattr(obj, name, None))
+
+
 # ---------------------------------------------------------------------------------- templates
 @dataclasses.dataclass(frozen=True)
 class ChatTemplate:

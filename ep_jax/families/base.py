@@ -16,6 +16,7 @@ and the family object below gives the host side: config, weights, processor and 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from typing import Any, Callable
 
 from ep_jax.errors import CheckpointError
@@ -38,6 +39,11 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {}
+# The families that ship with ep_jax, by model_type: each sub-package registers itself when it is
+# imported, which happens the first time its model_type is asked for (a LLaVA user never imports
+# the Qwen2.5-VL vision tower).
+BUILTIN = {"llava": "ep_jax.families.llava", "llava_next": "ep_jax.families.llava_next",
+           "qwen2_5_vl": "ep_jax.families.qwen2_5_vl"}
 
 
 def register(family: Family) -> Family:
@@ -47,23 +53,17 @@ def register(family: Family) -> Family:
 
 def family_of(hf_config: dict) -> Family:
     """The family of a Hugging Face config.json dict, by its `model_type`."""
-    _load_builtin()
     model_type = hf_config.get("model_type") if isinstance(hf_config, dict) else None
-    if model_type not in FAMILIES:
-        raise CheckpointError(
-            f"model_type {model_type!r} is not supported; ep_jax runs: {', '.join(sorted(FAMILIES))}"
-        )
-    return FAMILIES[model_type]
+    return get(model_type, what="model_type")
 
 
-def get(name: str) -> Family:
-    _load_builtin()
+def get(name: str, what: str = "model family") -> Family:
+    """The family registered as `name` (a Hugging Face `model_type`)."""
+    if not isinstance(name, str):
+        name = repr(name)
+    if name not in FAMILIES and name in BUILTIN:
+        importlib.import_module(BUILTIN[name])
     if name not in FAMILIES:
-        raise CheckpointError(f"unknown model family {name!r}; known: {', '.join(sorted(FAMILIES))}")
+        known = ", ".join(sorted(set(FAMILIES) | set(BUILTIN)))
+        raise CheckpointError(f"{what} {name!r} is not supported; ep_jax runs: {known}")
     return FAMILIES[name]
-
-
-def _load_builtin() -> None:
-    import ep_jax.families.llava  # noqa: F401  (registers itself)
-    import ep_jax.families.llava_next  # noqa: F401
-    import ep_jax.families.qwen2_5_vl  # noqa: F401

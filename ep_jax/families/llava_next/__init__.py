@@ -18,7 +18,7 @@ from ep_jax.core.spans import ImageSlots, VisualSpans, build_spans
 from ep_jax.errors import InputError
 from ep_jax.families import llava as _llava
 from ep_jax.families.base import Family, register
-from ep_jax.families.llava_next import anyres
+import ep_jax.families.llava_next.anyres as anyres
 from ep_jax.families.llava_next.config import LlavaNextConfig
 from ep_jax.families.llava_next.model import LlavaNext
 
@@ -57,7 +57,7 @@ def model_inputs(cfg: LlavaNextConfig, input_ids, pixel_values=None, attention_m
                  dtype=np.float32, slot_bucket_size: int | None = None) -> tuple[dict, VisualSpans]:
     """Checked arrays as transformers' LlavaNextProcessor (or ep_jax's) returns them, plus
     `image_sizes` [num_images, 2] (height, width) -> (inputs, visual spans). Without
-    `image_sizes`, those `pixel_values` carry (`processing.AnyResPixels`, ep_jax's processor) are used."""
+    `image_sizes`, those `pixel_values` carry (`ep_jax.processing.TaggedPixels`, ep_jax's processor) are used."""
     if image_sizes is None:
         image_sizes = getattr(pixel_values, "image_sizes", None)
     text_only = pixel_values is None or not len(pixel_values)

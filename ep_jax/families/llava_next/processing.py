@@ -17,10 +17,10 @@ import numpy as np
 import PIL.Image
 
 from ep_jax.errors import ProcessingError
-from ep_jax.families.llava_next import anyres
+import ep_jax.families.llava_next.anyres as anyres
 from ep_jax.families.llava_next.config import DEFAULT_PINPOINTS
 from ep_jax.images import ImageProcessor
-from ep_jax.processing import DEFAULT_BUCKETS, Processor
+from ep_jax.processing import DEFAULT_BUCKETS, Processor, TaggedPixels
 
 # Prompt-length buckets: LLaVA-1.5's plus four in the 1,800-2,950-token range of one AnyRes image
 # at 336 px (50 random aspect ratios: 4.6 % mean sequence padding instead of 17.5 %).
@@ -87,20 +87,6 @@ class AnyResImageProcessor(ImageProcessor):
         return np.concatenate([im.pixels if isinstance(im, _Done) else self.crops(im)[0] for im in images])
 
 
-class AnyResPixels(np.ndarray):
-    """Crops of a batch, [total crops, 3, H, W], carrying the images' (height, width) as
-    `.image_sizes` [num_images, 2], so callers that pass only `pixel_values` on (the ECL
-    profile, benchmarks) still give the family what AnyRes needs."""
-
-    def __new__(cls, crops, image_sizes):
-        obj = np.asarray(crops).view(cls)
-        obj.image_sizes = np.asarray(image_sizes, np.int64).reshape(-1, 2)
-        return obj
-
-    def __array_finalize__(self, obj):
-        self.image_sizes = getattr(obj, "image_sizes", None)
-
-
 @dataclasses.dataclass(frozen=True)
 class _Done:
     """An image already cut into crops (so `Processor.encode` does not process it twice)."""
@@ -153,5 +139,5 @@ class NextProcessor(Processor):
         finally:
             self._counts = None
         enc["image_sizes"] = np.array([d.size for d in flat], np.int64).reshape(-1, 2)
-        enc["pixel_values"] = AnyResPixels(enc["pixel_values"], enc["image_sizes"])
+        enc["pixel_values"] = TaggedPixels(enc["pixel_values"], image_sizes=enc["image_sizes"])
         return enc

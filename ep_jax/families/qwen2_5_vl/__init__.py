@@ -19,7 +19,7 @@ from ep_jax.errors import InputError
 from ep_jax.families import llava as _llava
 from ep_jax.families.base import Family, register
 from ep_jax.families.llava_next import slot_bucket
-from ep_jax.families.qwen2_5_vl import vision as _vision
+import ep_jax.families.qwen2_5_vl.vision as _vision
 from ep_jax.families.qwen2_5_vl.config import Qwen25VLConfig
 from ep_jax.families.qwen2_5_vl.model import Qwen25VL
 from ep_jax.hf import Entry
@@ -79,7 +79,7 @@ def model_inputs(cfg: Qwen25VLConfig, input_ids, pixel_values=None, attention_ma
     [patches, c*t*p*p], `image_grid_thw` [images, 3]) -> (inputs, visual spans).
     `mm_token_type_ids` is accepted and not needed (the image tokens are read from the ids)."""
     text_only = pixel_values is None or not len(pixel_values)
-    if image_grid_thw is None:  # ep_jax's processor: the pixels carry their grids (`processing.PatchPixels`)
+    if image_grid_thw is None:  # ep_jax's processor: the pixels carry their grids (`ep_jax.processing.TaggedPixels`)
         image_grid_thw = getattr(pixel_values, "image_grid_thw", None)
     inputs, _ = _llava.model_inputs(_text_checks(cfg), input_ids, None, attention_mask, dtype=dtype)
     ids, valid = inputs["input_ids"], inputs["attention_mask"]

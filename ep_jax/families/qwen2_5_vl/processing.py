@@ -20,7 +20,7 @@ import numpy as np
 from ep_jax.errors import ProcessingError
 from ep_jax.families.llava_next.processing import NextProcessor
 from ep_jax.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor
-from ep_jax.processing import DEFAULT_BUCKETS, Processor
+from ep_jax.processing import DEFAULT_BUCKETS, Processor, TaggedPixels
 
 IMAGE_PAD = "<|image_pad|>"
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 1280  # transformers' defaults (the hub checkpoints' too)
@@ -110,20 +110,6 @@ class QwenImageProcessor(ImageProcessor):
         return np.concatenate([im.pixels if isinstance(im, _Done) else self.patches(im)[0] for im in images])
 
 
-class PatchPixels(np.ndarray):
-    """Patches of a batch [patches, 3 * t * p * p] that carry their images' `image_grid_thw`
-    [images, 3], so callers passing only `pixel_values` on (the ECL profile, benchmarks) still give
-    the family the grids."""
-
-    def __new__(cls, patches, image_grid_thw):
-        out = np.asarray(patches).view(cls)
-        out.image_grid_thw = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
-        return out
-
-    def __array_finalize__(self, source):
-        self.image_grid_thw = getattr(source, "image_grid_thw", None)
-
-
 @dataclasses.dataclass(frozen=True)
 class _Done:
     """An image's patches and grid, computed once before the prompts are tokenised."""
@@ -166,5 +152,5 @@ class QwenProcessor(NextProcessor):
         finally:
             self._counts = None
         enc["image_grid_thw"] = np.array([d.grid for d in flat], np.int64).reshape(-1, 3)
-        enc["pixel_values"] = PatchPixels(enc["pixel_values"], enc["image_grid_thw"])
+        enc["pixel_values"] = TaggedPixels(enc["pixel_values"], image_grid_thw=enc["image_grid_thw"])
         return enc
