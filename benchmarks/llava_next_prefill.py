@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg, model, proc, image = build(args.image_size)
     enc = proc.encode([bench_setup.PROMPT], [[image]], template=bench_setup.PROMPT_TEMPLATE, bucket_sizes=None)
-    more = {k: v for k, v in enc.items() if k not in ("input_ids", "pixel_values", "attention_mask", "lengths")}
+    more = api.extra_arrays(enc)
 
     runs = {}
     for name, prune in SETTINGS.items():

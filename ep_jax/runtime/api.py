@@ -168,6 +168,12 @@ def _auto_layer(model: Model, inputs: dict, spans: VisualSpans) -> int:
     return model.compiled["measured_layer"]
 
 
+def extra_arrays(enc: dict) -> dict:
+    """A processor's outputs besides the three every family takes (LLaVA-NeXT's image_sizes,
+    Qwen2.5-VL's image_grid_thw, ...): what `prepare` / `forward` pass on to the family."""
+    return {k: v for k, v in enc.items() if k not in ("input_ids", "pixel_values", "attention_mask", "lengths")}
+
+
 def prepare(model: Model, *arrays, prune: PruneConfig | None = None, **extra):
     """Checked model inputs, visual spans, the prune stage and its per-example arrays. `extra`:
     the family's further processor arrays (LLaVA-NeXT: image_sizes)."""
@@ -302,7 +308,7 @@ def run_generation(
             f"model context of {max_len} tokens; lower --max-new-tokens or shorten the prompt"
         )
     pixel_values = enc["pixel_values"] if len(enc["pixel_values"]) else None
-    more = {k: v for k, v in enc.items() if k not in ("input_ids", "pixel_values", "attention_mask", "lengths")}
+    more = extra_arrays(enc)
     inputs, spans, stage, extra = prepare(model, enc["input_ids"], pixel_values, enc["attention_mask"], prune=prune,
                                           **more)
     room = room_for(max_new_tokens)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ep_jax.config import LlavaConfig, TextConfig, VisionConfig
+from ep_jax.config import LlavaConfig
 from ep_jax.errors import ConfigError
 
 # transformers' LlavaNextConfig default (the llava-hf checkpoints list the same five, in pixels).
@@ -74,10 +74,5 @@ class LlavaNextConfig(LlavaConfig):
 
     @classmethod
     def from_json_dict(cls, d: dict[str, Any]) -> "LlavaNextConfig":
-        d = dict(d)
-        eos = d.get("eos_token_id")
-        if isinstance(eos, list):
-            d["eos_token_id"] = tuple(eos)
-        d["image_grid_pinpoints"] = tuple(tuple(int(v) for v in p) for p in d.get("image_grid_pinpoints",
-                                                                                   DEFAULT_PINPOINTS))
-        return cls(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**d.pop("text")), **d)
+        pins = d.get("image_grid_pinpoints", DEFAULT_PINPOINTS)
+        return super().from_json_dict({**d, "image_grid_pinpoints": tuple(tuple(int(v) for v in p) for p in pins)})
