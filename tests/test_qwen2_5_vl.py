@@ -10,8 +10,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402  (test dependency: the parity reference)
+import transformers  # noqa: E402
 
 from hf_tiny import QWEN_EOS, QWEN_IMAGE, QWEN_PAD, QWEN_VEND, QWEN_VSTART, build_tiny_qwen2_5_vl  # noqa: E402
 

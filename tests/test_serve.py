@@ -17,9 +17,7 @@ from pathlib import Path
 
 import pytest
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+import openai  # (test dependency, requirements-test.txt; fastapi/uvicorn come with ep_jax.serve)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
