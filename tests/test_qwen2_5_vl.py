@@ -13,6 +13,7 @@ import pytest
 import torch  # noqa: E402  (test dependency: the parity reference)
 import transformers  # noqa: E402
 
+from torch_reference import qwen_pruned_forward  # noqa: E402
 from hf_tiny import QWEN_EOS, QWEN_IMAGE, QWEN_PAD, QWEN_VEND, QWEN_VSTART, build_tiny_qwen2_5_vl  # noqa: E402
 
 import ep_jax  # noqa: E402
@@ -157,6 +158,30 @@ def test_pruned_kept_rows_equal_the_mask_oracle(layer, qwen):
     for i in range(len(ids)):
         r = out.positions[i][out.row_valid[i]]
         np.testing.assert_allclose(out.logits[i][out.row_valid[i]], oracle.logits[i, r], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_pruned_matches_the_float64_torch_reference(layer, qwen):
+    """Each row of a padded batch with a different N per row against the independent PyTorch
+    reference run on that row alone: kept sequence indices, all three M-RoPE position rows of the
+    kept tokens, and the logits of every kept row."""
+    _, tm, model = qwen
+    ids, pixels, mask, grid = _encode(_images())
+    out = ep_jax.forward(model, ids, pixels, mask, image_grid_thw=grid,
+                         prune=PruneConfig(layer=layer, keep_ratio=0.25))
+    mrope = model.family.inputs(model.config, ids, pixels, mask, image_grid_thw=grid)[0]["mrope_positions"]
+    starts = np.concatenate([[0], np.cumsum(grid.prod(1))])
+    for i in range(len(ids)):
+        pad = int((mask[i] == 0).sum())
+        row = torch.tensor(ids[i:i + 1, pad:])
+        ref_logits, ref_kept, ref_pos = qwen_pruned_forward(
+            tm, row, (row == QWEN_IMAGE).long(), layer, int(out.keep[i]),
+            pixel_values=torch.tensor(pixels[starts[i]:starts[i + 1]]), image_grid_thw=torch.tensor(grid[i:i + 1]))
+        rows = out.positions[i][out.row_valid[i]]
+        assert int(out.keep[i]) < int(grid[i].prod() // 4)
+        np.testing.assert_array_equal(rows - pad, ref_kept.numpy())
+        np.testing.assert_array_equal(np.asarray(mrope)[:, i, rows], ref_pos.numpy())
+        np.testing.assert_allclose(out.logits[i][out.row_valid[i]], ref_logits.numpy()[0], atol=1e-4, rtol=0)
 
 
 def test_no_recompilation_for_a_new_image_of_the_same_bucket(qwen):

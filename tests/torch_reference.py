@@ -79,3 +79,46 @@ def pruned_greedy(tm, input_ids, pixel_values, layer: int, keep: int, steps: int
         out.append(tok)
         ids = torch.cat([ids, torch.tensor([[tok]])], 1)
     return out
+
+
+def _qwen_embeddings(tm, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
+    """Token embeddings with the vision tower's merged features scattered into the image and
+    video pad positions, as Qwen2_5_VLModel.forward does."""
+    emb = tm.get_input_embeddings()(input_ids).clone()
+    for pixels, grid, token in ((pixel_values, image_grid_thw, tm.config.image_token_id),
+                                (pixel_values_videos, video_grid_thw, tm.config.video_token_id)):
+        if pixels is None:
+            continue
+        feats = tm.model.visual(pixels.to(tm.model.visual.dtype), grid_thw=grid).pooler_output
+        emb[input_ids == token] = feats.to(emb.dtype)
+    return emb
+
+
+@torch.no_grad()
+def qwen_pruned_forward(tm, input_ids, mm_token_type_ids, layer: int, keep: int, *, pixel_values=None,
+                        image_grid_thw=None, pixel_values_videos=None, video_grid_thw=None,
+                        second_per_grid_ts=None):
+    """Qwen2_5_VLForConditionalGeneration, batch of one, no padding: M-RoPE positions from
+    transformers' own get_rope_index, decoder layers one by one, layer K-1's queries (q_proj with
+    its bias, before RoPE) scored in float64 over every image and video token together, the top-R
+    gathered in original order with all three position rows. Returns (logits [1, S', V], kept
+    sequence indices [S'], kept position ids [3, S'])."""
+    lm = tm.model.language_model
+    h = _qwen_embeddings(tm, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+    pos, _ = tm.model.get_rope_index(input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
+                                     second_per_grid_ts=second_per_grid_ts)  # [3, 1, S]
+    is_visual = mm_token_type_ids[0] > 0
+    kept = torch.arange(h.shape[1])
+    for i, block in enumerate(lm.layers):
+        if i == layer:
+            q = block_prev.self_attn.q_proj(block_prev.input_layernorm(h_prev))[0]  # noqa: F821
+            visual = torch.nonzero(is_visual).flatten()
+            scores = token_entropy_f64(q[visual], lm.config.num_attention_heads)
+            top = visual[torch.argsort(-scores, stable=True)[:keep]]
+            kept = torch.sort(torch.cat([torch.nonzero(~is_visual).flatten(), top])).values
+            h, pos = h[:, kept], pos[:, :, kept]
+        n = h.shape[1]
+        causal = torch.full((n, n), float("-inf")).triu(1)[None, None]
+        h_prev, block_prev = h, block
+        h = block(h, attention_mask=causal, position_embeddings=lm.rotary_emb(h, pos))
+    return tm.lm_head(lm.norm(h)), kept, pos[:, 0]
