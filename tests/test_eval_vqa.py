@@ -109,6 +109,60 @@ def test_chunks_partition_the_questions(tmp_path, offline):
     assert [x["text"] for x in got] == offline["preset"]
 
 
+def test_scienceqa_question_file(tmp_path, offline):
+    """LLaVA's model_vqa_science input: a JSON list of conversations; `<image>` removed from the
+    human turn; without an image the question is text-only; --single-pred-prompt appends the
+    letter instruction."""
+    items = [{"id": f"s{i}", "image": e["file"], "conversations": [
+        {"from": "human", "value": "<image>\n" + e["question"]}, {"from": "gpt", "value": e["answer"]}]}
+        for i, e in enumerate(examples()[:3])]
+    items.append({"id": "text-only", "conversations": [{"from": "human", "value": "Say one word."}]})
+    q = tmp_path / "sqa.json"
+    q.write_text(json.dumps(items))
+    a = tmp_path / "a.jsonl"
+    assert run_main("--question-file", q, "--answers-file", a, "--batch-size", 4) == 0
+    answers = read_jsonl(a)
+    assert [x["question_id"] for x in answers] == ["s0", "s1", "s2", "text-only"]
+    assert [x["text"] for x in answers[:3]] == offline["preset"][:3]
+    assert all(set(x) == FIELDS for x in answers)
+    b = tmp_path / "b.jsonl"
+    assert run_main("--question-file", q, "--answers-file", b, "--single-pred-prompt", "--batch-size", 4) == 0
+    assert read_jsonl(b)[0]["prompt"] == examples()[0]["question"] + "\n" + \
+        "Answer with the option's letter from the given choices directly."
+
+
+MMB_HEADER = "\t".join(["index", "question", "hint", "A", "B", "C", "D", "image", "category"])
+
+
+def test_mmbench_tsv_with_rounds_and_resume(tmp_path):
+    """LLaVA's model_vqa_mmbench input: base64 images in a TSV, hint before the question, options
+    after it; --all-rounds asks once per rotation of the options (keyed by index and round_id)."""
+    import base64
+
+    def b64(name):
+        return base64.b64encode((EXAMPLES / name).read_bytes()).decode()
+
+    e0, e1 = examples()[:2]
+    rows = [MMB_HEADER,
+            "\t".join(["11", e0["question"], "A hint.", "red", "green", "blue", "", b64(e0["file"]), "color"]),
+            "\t".join(["12", e1["question"], "nan", "yes", "no", "", "", b64(e1["file"]), "nan"])]
+    q = tmp_path / "mmb.tsv"
+    q.write_text("\n".join(rows) + "\n")
+    a = tmp_path / "a.jsonl"
+    assert run_main("--question-file", q, "--answers-file", a, "--all-rounds", "--single-pred-prompt",
+                    "--batch-size", 4) == 0
+    answers = read_jsonl(a)
+    assert [(x["question_id"], x["round_id"]) for x in answers] == [(11, 0), (11, 1), (11, 2), (12, 0), (12, 1)]
+    assert answers[0]["prompt"] == f"A hint.\n{e0['question']}\nA. red\nB. green\nC. blue"
+    assert answers[1]["options"] == ["green", "blue", "red"] and answers[1]["option_char"] == ["B", "C", "A"]
+    assert answers[3]["prompt"] == f"{e1['question']}\nA. yes\nB. no"
+    assert answers[0]["metadata"]["category"] == "color" and "category" not in answers[3]["metadata"]
+    assert all(x["text"] for x in answers)
+    before = a.read_bytes()  # every (index, round) answered: nothing to do
+    assert run_main("--question-file", q, "--answers-file", a, "--all-rounds", "--single-pred-prompt") == 0
+    assert a.read_bytes() == before
+
+
 def _bad(tmp_path, case):
     good = {"question_id": 1, "image": "scene_color_0000.png", "text": "What color is the star?"}
     lines = [json.dumps(good), json.dumps({**good, "question_id": 2})]
@@ -124,13 +178,25 @@ def _bad(tmp_path, case):
         expect = "q.jsonl:3: missing key(s) text"
     elif case == "duplicate id":
         lines.append(json.dumps(good))
-        expect = "q.jsonl:3: question_id 1 repeats line 1"
+        expect = "q.jsonl:3: question id 1 repeats"
     elif case == "bad chunk":
         extra = ["--num-chunks", "2", "--chunk-idx", "2"]
         expect = "--chunk-idx 2"
     elif case == "bad keep-ratio":
         extra = ["--keep-ratio", "2"]
         expect = "--keep-ratio 2.0"
+    elif case == "scienceqa not a list":
+        (tmp_path / "q.json").write_text('{"id": 1}')
+        return ["--question-file", tmp_path / "q.json", "--answers-file", tmp_path / "a.jsonl"], "not a list"
+    elif case == "mmbench bad base64":
+        rows = [MMB_HEADER, "\t".join(["7", "Q?", "nan", "x", "y", "", "", "!!notbase64", "c"])]
+        (tmp_path / "q.tsv").write_text("\n".join(rows) + "\n")
+        return ["--question-file", tmp_path / "q.tsv", "--answers-file", tmp_path / "a.jsonl"], \
+            "q.tsv:2: the image cell is not base64"
+    elif case == "mmbench no options":
+        (tmp_path / "q.tsv").write_text("index\tquestion\timage\n1\tQ?\tAAAA\n")
+        return ["--question-file", tmp_path / "q.tsv", "--answers-file", tmp_path / "a.jsonl"], \
+            "the TSV header lacks A, B"
     elif case == "not an answers file":
         (tmp_path / "a.jsonl").write_text("hello\n{}\n")
         expect = "a.jsonl:1 is not a JSON line"
@@ -139,7 +205,8 @@ def _bad(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", ["missing image", "bad json line", "missing key", "duplicate id", "bad chunk",
-                                  "bad keep-ratio", "not an answers file"])
+                                  "bad keep-ratio", "not an answers file", "scienceqa not a list",
+                                  "mmbench bad base64", "mmbench no options"])
 def test_bad_inputs_fail_before_the_model_loads(case, tmp_path, capsys, monkeypatch):
     from ep_jax import checkpoint
 

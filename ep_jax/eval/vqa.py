@@ -1,11 +1,14 @@
-"""`python -m ep_jax.eval vqa`: answer a LLaVA question file, as LLaVA's `model_vqa_loader`
-does, into the answers file its benchmark scripts score (MME, TextVQA, ScienceQA, MMBench, ...).
+"""`python -m ep_jax.eval vqa`: answer a LLaVA question file, as LLaVA's `model_vqa_loader`,
+`model_vqa_science` and `model_vqa_mmbench` do, into the answers file its benchmark scripts
+score (MME, TextVQA, POPE, GQA, VQAv2, VizWiz, ScienceQA, MMBench, ...).
 
-Question file (JSONL, one object a line): `question_id` (int or string, unique), `text` (the
-question as the benchmark words it, e.g. "...\\nAnswer the question using a single word or
-phrase."), `image` (a path relative to `--image-folder`; absent for a text-only question) and
-optionally `category`. Answers file (JSONL): `question_id`, `prompt` (the question text),
-`text` (the answer), `answer_id`, `model_id`, `metadata` (category, pruning, sampling).
+Question files (`formats.py`): LLaVA's JSONL (`question_id` (int or string, unique), `text`
+(the question as the benchmark words it, e.g. "...\\nAnswer the question using a single word
+or phrase."), `image` (a path relative to `--image-folder`; absent for a text-only question),
+optionally `category`), ScienceQA's JSON list of conversations, MMBench's TSV with base64
+images. Answers file (JSONL): `question_id`, `prompt` (the question text), `text` (the answer),
+`answer_id`, `model_id`, `metadata` (category, pruning, sampling); MMBench's adds `round_id`,
+`options` and `option_char`.
 
 Resumable: an existing answers file is continued. Questions already answered are skipped, and a
 half-written last line (a crash while writing) is cut off before new lines are appended. Every
@@ -30,6 +33,7 @@ from pathlib import Path
 
 from ep_jax.cli import run_cli
 from ep_jax.errors import InputError
+from ep_jax.eval.formats import FORMATS, key_of, read_question_file
 
 # generate's flags that make no sense for a question file (the questions and images come from it).
 _NOT_FOR_EVAL = {"help", "image", "prompt", "stream", "json", "explain", "raw_prompt"}
@@ -61,7 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(question_id, prompt, text, answer_id, model_id, metadata) that LLaVA's benchmark scripts score. "
         "Greedy by default; resumable.",
     )
-    v.add_argument("--question-file", required=True, help="JSONL: question_id, image, text[, category]")
+    v.add_argument("--question-file", required=True,
+                   help="LLaVA's question file: JSONL (question_id, image, text[, category]), ScienceQA's JSON "
+                   "list or MMBench's TSV (see --question-format)")
+    v.add_argument("--question-format", choices=("auto", *FORMATS), default="auto",
+                   help="jsonl (model_vqa_loader), scienceqa (model_vqa_science), mmbench (model_vqa_mmbench); "
+                   "auto: by the file's suffix (.tsv mmbench, .json scienceqa, else jsonl)")
+    v.add_argument("--single-pred-prompt", action="store_true",
+                   help="ScienceQA/MMBench: append \"Answer with the option's letter from the given choices directly.\"")
+    v.add_argument("--all-rounds", action="store_true",
+                   help="MMBench: ask each question once per rotation of its options (round_id)")
+    v.add_argument("--lang", choices=("en", "cn"), default="en", help="MMBench: the language of --single-pred-prompt")
     v.add_argument("--image-folder", default=".", help="folder the questions' `image` paths are relative to")
     v.add_argument("--answers-file", required=True, help="JSONL to write; an existing one is continued")
     v.add_argument("--batch-size", type=int, default=8, help="questions per batch (the last one is padded)")
@@ -78,66 +92,13 @@ def main(argv=None) -> int:
 
 
 # ---------------------------------------------------------------------- files
-def qid_key(qid) -> str:
-    """Question ids compare as their JSON text (1 and "1" are different ids, as in LLaVA)."""
-    return json.dumps(qid)
-
-
-def read_questions(path: Path, image_folder: Path) -> list[dict]:
-    """The question file, checked: each line a JSON object with `question_id` (int or string,
-    unique) and `text` (a string), `image` (optional) a string naming a file under the folder."""
-    if not path.is_file():
-        raise InputError(f"--question-file {path}: no such file" if not path.exists() else
-                         f"--question-file {path} is not a file")
-    questions, seen = [], {}
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            lines = f.read().splitlines()
-        except UnicodeDecodeError as e:
-            raise InputError(f"--question-file {path} is not UTF-8 text ({e})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            q = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})",
-                             fix="each line must be one JSON object") from None
-        if not isinstance(q, dict):
-            raise InputError(f"{where}: a JSON {type(q).__name__}, not an object")
-        missing = [k for k in ("question_id", "text") if k not in q]
-        if missing:
-            raise InputError(f"{where}: missing key(s) {', '.join(missing)}",
-                             fix="each question needs question_id, text and (for an image question) image")
-        qid = q["question_id"]
-        if isinstance(qid, bool) or not isinstance(qid, (int, str)):
-            raise InputError(f"{where}: question_id {qid!r} must be an int or a string")
-        if qid_key(qid) in seen:
-            raise InputError(f"{where}: question_id {qid!r} repeats line {seen[qid_key(qid)]}",
-                             fix="question ids must be unique (answers are matched to questions by id)")
-        seen[qid_key(qid)] = n
-        if not isinstance(q["text"], str) or not q["text"].strip():
-            raise InputError(f"{where}: text must be a non-empty string, got {q['text']!r:.60}")
-        image = q.get("image")
-        if image is not None:
-            if not isinstance(image, str) or not image:
-                raise InputError(f"{where}: image must be a file name, got {image!r:.60}")
-            q["_image_path"] = image_folder / image
-        q["_line"] = n
-        questions.append(q)
-    if not questions:
-        raise InputError(f"--question-file {path} holds no questions")
-    return questions
-
-
 def check_images(questions: list[dict]) -> None:
     """Every image the run will read exists (its content is checked when its batch loads it)."""
     for q in questions:
-        p = q.get("_image_path")
-        if p is not None and not p.is_file():
+        p = q["image"]
+        if isinstance(p, Path) and not p.is_file():
             what = "is not a file" if p.exists() else "does not exist"
-            raise InputError(f"question {q['question_id']!r} (line {q['_line']}): image {p} {what}",
+            raise InputError(f"{q['where']}: question {q['question_id']!r}: image {p} {what}",
                              fix="check --image-folder and the question's `image`")
 
 
@@ -183,7 +144,7 @@ def _answered_id(raw: bytes, where: str) -> str:
         raise InputError(f"{where} is not a JSON line ({e})", fix=fix) from None
     if not isinstance(a, dict) or "question_id" not in a:
         raise InputError(f"{where} has no question_id", fix=fix)
-    return qid_key(a["question_id"])
+    return key_of(a["question_id"], a.get("round_id"))
 
 
 # ---------------------------------------------------------------------- checks before loading
@@ -206,13 +167,39 @@ def check_args(args) -> None:
 
 
 # ---------------------------------------------------------------------- run
+def _image(q: dict):
+    """A question's images for run_generation: None, or a list of one RGB image."""
+    from ep_jax.image_files import load_image
+
+    if q["image"] is None:
+        return None
+    return [q["image"]() if callable(q["image"]) else load_image(q["image"])]
+
+
+def answer_line(q: dict, text: str, model_id: str, settings: dict) -> dict:
+    """One answers-file object, in the field order of LLaVA's scripts (MMBench's adds round_id,
+    options and option_char)."""
+    extra = dict(q["answer"])
+    meta = dict(settings)
+    if "category" in extra:
+        meta["category"] = extra.pop("category")
+    line = {"question_id": q["question_id"]}
+    if "round_id" in extra:
+        line["round_id"] = extra.pop("round_id")
+    line.update({"prompt": q["prompt"], "text": text.strip(), **extra, "answer_id": uuid.uuid4().hex,
+                 "model_id": model_id, "metadata": meta})
+    return line
+
+
 def _run(args) -> int:
     check_args(args)
-    questions = read_questions(Path(args.question_file), Path(args.image_folder))
+    questions = read_question_file(Path(args.question_file), Path(args.image_folder), args.question_format,
+                                   single_pred_prompt=args.single_pred_prompt, all_rounds=args.all_rounds,
+                                   lang=args.lang)
     chunk = split_chunk(questions, args.num_chunks, args.chunk_idx)
     answers_path = Path(args.answers_file)
     done = read_answers(answers_path)
-    todo = [q for q in chunk if qid_key(q["question_id"]) not in done]
+    todo = [q for q in chunk if q["key"] not in done]
     check_images(todo)
     print(f"ep_jax: {len(chunk)} question(s) in chunk {args.chunk_idx}/{args.num_chunks}, "
           f"{len(chunk) - len(todo)} already answered in {answers_path}", file=sys.stderr)
@@ -225,7 +212,6 @@ def _run(args) -> int:
 
     from ep_jax import checkpoint, presets
     from ep_jax.cli.generate import describe_budget, prune_config
-    from ep_jax.image_files import load_image
     from ep_jax.runtime.api import run_generation
 
     model_path = args.model
@@ -249,17 +235,12 @@ def _run(args) -> int:
             batch = todo[start:start + args.batch_size]
             # pad the last batch with repeats of its last question: one compiled batch size
             padded = batch + batch[-1:] * (args.batch_size - len(batch))
-            images = [None if q.get("_image_path") is None else [load_image(q["_image_path"])] for q in padded]
+            images = [_image(q) for q in padded]
             gen = run_generation(model, images, [q["text"] for q in padded], max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                  seed=args.seed, prune=prune, template=args.template)
             for q, text in zip(batch, gen.texts):
-                meta = dict(settings)
-                if "category" in q:
-                    meta["category"] = q["category"]
-                out.write(json.dumps({"question_id": q["question_id"], "prompt": q["text"], "text": text.strip(),
-                                      "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": meta},
-                                     ensure_ascii=False) + "\n")
+                out.write(json.dumps(answer_line(q, text, model_id, settings), ensure_ascii=False) + "\n")
             out.flush()
             os.fsync(out.fileno())
             bar.update(len(batch))
