@@ -219,6 +219,11 @@ class ImageProcessor:
                                   "do_center_crop or give an exact (height, width) size to batch them")
         return np.stack(out)
 
+    def image_size(self, image: Any) -> tuple[int, int]:
+        """(height, width) of the image as the processor sees it (EXIF orientation applied)."""
+        im, _ = self._rgb(image)
+        return im.height, im.width
+
     def _rgb(self, image: Any) -> tuple[PIL.Image.Image, str]:
         raw, label = open_image(image, self.max_pixels, self.max_aspect_ratio)
         if not self.do_convert_rgb and raw.mode != "RGB":

@@ -203,6 +203,22 @@ class Processor:
         """Token ids of formatted `text` (BOS as the tokenizer adds it), image tokens expanded."""
         return self._expand(self.tokenizer(text)["input_ids"])
 
+    def image_token_counts(self, images: Sequence[Any]) -> list[int]:
+        """Visual tokens each image becomes in the prompt (LLaVA-1.5: one fixed count)."""
+        return [self.image_seq_len] * len(images)
+
+    def prompt_length(self, prompt: str, images: Sequence[Any] = (), *,
+                      template: str | ChatTemplate = "vicuna_v1") -> int:
+        """The tokens `encode([prompt], [images])` gives, without computing any pixels (only the
+        images' sizes are read)."""
+        text = self.format(prompt, num_images=len(images), template=template)
+        ids = self.tokenizer([text])["input_ids"][0]
+        if ids.count(self.image_token_id) != len(images):
+            raise ProcessingError(f"the prompt ({_short(text)}) tokenises to {ids.count(self.image_token_id)} image "
+                                  f"tokens for {len(images)} image(s); put spaces or newlines around "
+                                  f"{self.image_token!r}")
+        return len(ids) - len(images) + sum(self.image_token_counts(images))
+
     def _expand(self, ids: Sequence[int]) -> list[int]:
         out: list[int] = []
         for t in ids:

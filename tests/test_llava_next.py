@@ -37,6 +37,16 @@ def next_dirs(tmp_path_factory):
     return get
 
 
+def test_prompt_length_counts_each_images_tokens(next_dirs):
+    _, _, _, model = next_dirs("llama")
+    proc, template = model.processor, model.family.default_template
+    images = _images()
+    enc = proc.encode(PROMPTS, [[im] for im in images], template=template, bucket_sizes=None)
+    assert [proc.prompt_length(p, [im], template=template) for p, im in zip(PROMPTS, images)] == \
+        [int(n) for n in enc["lengths"]]
+    assert len(set(enc["lengths"].tolist())) == 2
+
+
 def _hf(proc, model, prompts, images, padding_side="left"):
     proc.tokenizer.padding_side = padding_side
     texts = [model.processor.format(p) for p in prompts]

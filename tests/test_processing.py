@@ -245,6 +245,15 @@ def test_batch_tokens_and_images_in_order(tiny):
         assert (out["input_ids"][i] == proc.image_token_id).sum() == 16 * n_img
 
 
+def test_prompt_length_equals_encode_without_pixels(tiny, monkeypatch):
+    _, _, proc = tiny
+    prompts = ["What is in the image?", "Compare <image> with <image> please.", "Just text, no picture."]
+    images = [[PHOTOS["astronaut"]], [PHOTOS["coffee"], PHOTOS["gray"]], []]
+    want = [int(n) for n in proc.encode(prompts, [ims or None for ims in images], bucket_sizes=None)["lengths"]]
+    monkeypatch.setattr(type(proc.image_processor), "__call__", lambda *a: pytest.fail("pixels computed"))
+    assert [proc.prompt_length(p, ims, template="vicuna_v1") for p, ims in zip(prompts, images)] == want
+
+
 def test_bucket_padding_left_and_right(tiny):
     _, _, proc = tiny
     prompts = [

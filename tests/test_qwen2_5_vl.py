@@ -134,6 +134,14 @@ def test_processor_expands_each_image_pad_and_uses_the_chat_template(qwen):
                     "<|im_start|>assistant\n")
 
 
+def test_prompt_length_counts_each_images_tokens(qwen):
+    _, _, model = qwen
+    proc, images = model.processor, _images()
+    enc = proc.encode(PROMPTS, [[im] for im in images], template="qwen2_5_vl", bucket_sizes=None)
+    assert [proc.prompt_length(p, [im], template="qwen2_5_vl") for p, im in zip(PROMPTS, images)] == \
+        [int(n) for n in enc["lengths"]]
+
+
 def test_keep_all_reproduces_unpruned(qwen):
     _, _, model = qwen
     ids, pixels, mask, grid = _encode(_images())

@@ -220,11 +220,11 @@ def parse_request(body, model, opts: ServeOptions, loop) -> Job:
         raise ApiError(400, "stream_options must be an object", "stream_options", "invalid_value")
     prune = parse_prune(body.get("ep_prune"), model.preset)
     prompt, images = parse_messages(body["messages"], opts)
-    # the prompt's length with its images (the chat template's, as run_generation encodes it)
+    # the prompt's length with its images (the chat template's, as run_generation encodes it;
+    # the pixels are computed once, in the batch)
     template = getattr(model.preset, "template", None) or model.family.default_template
     try:
-        n = int(model.processor.encode([prompt], [images], template=template, pad_side="left",
-                                         max_length=context)["lengths"][0])
+        n = model.processor.prompt_length(prompt, images, template=template)
     except EpJaxError as e:
         raise ApiError(400, str(e), "messages", "invalid_value") from None
     if n >= context:
@@ -357,7 +357,9 @@ def _as_api_error(e: Exception) -> ApiError:
 
 
 async def _sse(job: Job, rid: str, created: int, model_id: str):
-    """OpenAI's stream: a role chunk, content chunks, a finish chunk, a usage chunk, [DONE]."""
+    """OpenAI's stream: a role chunk, content chunks, a finish chunk, a usage chunk, [DONE]. The
+    role chunk goes out with the first generated token (OpenAI's timing, so a client's time to the
+    first chunk is the time to the first token, whatever that token's text)."""
     def chunk(delta, finish=None, usage=None, choices=True):
         d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_id,
              "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}] if choices else []}
@@ -365,9 +367,14 @@ async def _sse(job: Job, rid: str, created: int, model_id: str):
             d["usage"] = usage
         return f"data: {json.dumps(d)}\n\n"
 
-    yield chunk({"role": "assistant", "content": ""})
+    started = False
     while True:
         kind, payload = await job.events.get()
+        if not started:
+            started = True
+            yield chunk({"role": "assistant", "content": ""})
+        if kind == "first":
+            continue
         if kind == "delta":
             yield chunk({"content": payload})
         elif kind == "done":

@@ -204,6 +204,8 @@ class Batcher:
             for i, job in enumerate(batch):
                 if finished[i]:
                     continue
+                if not produced[i]:
+                    job.emit("first", None)  # the stream's first chunk leaves now: time to first token
                 if tokens[i] in eos:
                     finished[i] = True
                     continue

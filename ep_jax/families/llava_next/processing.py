@@ -107,6 +107,9 @@ class NextProcessor(Processor):
         ip = self.image_processor
         return anyres.num_image_tokens((height, width), ip.image_grid_pinpoints, ip.side, self.patch_size)
 
+    def image_token_counts(self, images) -> list[int]:
+        return [self.num_image_tokens(*self.image_processor.image_size(im)) for im in images]
+
     def _expand(self, ids):
         if self._counts is None:  # tokenize() of text alone: the base grid's count
             return super()._expand(ids)
