@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import sys
-from pathlib import Path
 
 import jax
 from PIL import Image
@@ -77,15 +75,10 @@ def main(argv=None) -> int:
              "", *side_by_side.markdown_table(rows)]
     lines += ["", f"Vision tower + projector alone ({crops.shape[0]} crops): {vision_ms:.0f} ms = "
               f"{100 * vision_ms / base_ms:.1f} % of the unpruned prefill; pruning cannot shorten it."]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        Path(args.out + ".json").write_text(json.dumps({"n": n, "seq": seq, "vision_ms": vision_ms,
-                                                        "rows": rows}, indent=1) + "\n")
-        Path(args.out + ".md").write_text(
-            f"# LLaVA-NeXT prefill, pruned vs unpruned\n\n`python benchmarks/llava_next_prefill.py --runs "
-            f"{args.runs} --image-size {args.image_size} --out {args.out}` on this machine "
-            f"({jax.devices()[0].device_kind}, {bench_setup.machine_info()['cpu_count']} cores).\n\n{text}\n")
+    side_by_side.write_outputs(
+        args.out, "LLaVA-NeXT prefill, pruned vs unpruned",
+        f"python benchmarks/llava_next_prefill.py --runs {args.runs} --image-size {args.image_size} --out {args.out}",
+        "\n".join(lines), {"n": n, "seq": seq, "vision_ms": vision_ms, "rows": rows})
     return 0
 
 

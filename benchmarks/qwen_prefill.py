@@ -15,10 +15,8 @@ resized to 1120 x 896 (transformers' default max_pixels) gives N = 1,280 visual 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -106,15 +104,10 @@ def main(argv=None) -> int:
              f"Vision tower + merger alone: {vision_ms:.0f} ms = {100 * vision_ms / base_ms:.1f} % of the unpruned "
              "prefill; pruning cannot shorten it (R = the budget of layers after K = 1: keep_ratio r gives "
              "R = floor(N (28 r - 1) / 27))."]
-    out = "\n".join(lines)
-    print(out)
-    if args.out:
-        Path(args.out + ".json").write_text(json.dumps({"n": n, "seq": seq, "patches": patches,
-                                                        "vision_ms": vision_ms, "rows": rows}, indent=1) + "\n")
-        Path(args.out + ".md").write_text(
-            f"# Qwen2.5-VL prefill, pruned vs unpruned\n\n`python benchmarks/qwen_prefill.py --runs {args.runs} "
-            f"--out {args.out}` on this machine ({jax.devices()[0].device_kind}, "
-            f"{bench_setup.machine_info()['cpu_count']} cores).\n\n{out}\n")
+    side_by_side.write_outputs(
+        args.out, "Qwen2.5-VL prefill, pruned vs unpruned",
+        f"python benchmarks/qwen_prefill.py --runs {args.runs} --out {args.out}", "\n".join(lines),
+        {"n": n, "seq": seq, "patches": patches, "vision_ms": vision_ms, "rows": rows})
     return 0
 
 

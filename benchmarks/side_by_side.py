@@ -10,9 +10,11 @@ then spans and budgets in `api.prepare`), the prefill, and the first greedy toke
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import jax
@@ -89,3 +91,15 @@ def markdown_table(rows: list[dict]) -> list[str]:
     return lines + [f"| {r['setting']} | {r['R']} | {r['prefill_ms']:.0f} | {r['speedup']:.2f}x | {r['ttft_ms']:.0f} | "
                     f"{r['ttft_speedup']:.2f}x | {r['analytic_flops_speedup']:.2f}x | {r['compile_s']:.1f} |"
                     for r in rows]
+
+
+def write_outputs(out: str | None, title: str, command: str, text: str, data: dict) -> None:
+    """Print the table; with `out`, write OUT.json (data) and OUT.md (title, the command, the
+    device, the table)."""
+    from ep_jax import bench_setup
+
+    print(text)
+    if out:
+        Path(out + ".json").write_text(json.dumps(data, indent=1) + "\n")
+        Path(out + ".md").write_text(f"# {title}\n\n`{command}` on this machine ({jax.devices()[0].device_kind}, "
+                                     f"{bench_setup.machine_info()['cpu_count']} cores).\n\n{text}\n")
