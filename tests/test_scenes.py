@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from ep_jax.data import ANSWERS, PHOTOS, QUESTION_TYPES, generate, iterate, make_sample, tokenizer_corpus
-from ep_jax.data import scenes
+from ep_jax.data import render, scenes
 
 N_PROPERTY = 300  # samples per property stream; a multiple of 10 so types and yes/no split evenly
 
@@ -81,7 +81,7 @@ def test_each_split_uses_only_its_photos_and_its_own_stream():
 
 def test_backgrounds_load_without_network():
     for name in itertools.chain(*PHOTOS.values()):
-        photo = scenes._load_photo(name)
+        photo = render.load_photo(name)
         assert photo.dtype == np.uint8 and photo.ndim == 3 and photo.shape[2] == 3
         assert min(photo.shape[:2]) >= 150 and photo.std() > 10, name  # a real picture
 
