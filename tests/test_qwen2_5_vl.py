@@ -390,3 +390,20 @@ def test_config_and_input_errors(qwen):
         model.family.inputs(model.config, ids, np.asarray(pixels), mask)
     with pytest.raises(InputError, match="image tokens"):
         model.family.inputs(model.config, ids, pixels, mask, image_grid_thw=grid[::-1])
+
+
+def test_ecl_profile_runs_on_the_family(qwen):
+    """The Entropy Collapse Layer profile through the runtime's observer: one set entropy per
+    layer boundary and one score summary per layer, for two images of different N in one batch;
+    each image's profile equals its profile alone."""
+    from ep_jax.analysis import ecl
+
+    _, _, model = qwen
+    images = _images()
+    both = ecl.profile_images(model, images, batch_size=2)
+    layers = model.config.text.num_layers
+    assert both.set_entropy.shape == (2, layers + 1) and np.isfinite(both.set_entropy).all()
+    assert both.score_mean.shape == (2, layers)
+    alone = ecl.profile_images(model, images[1:], batch_size=1)
+    np.testing.assert_allclose(both.set_entropy[1], alone.set_entropy[0], atol=1e-4)
+
