@@ -36,6 +36,9 @@ class Family:
     decoder_layer_bytes: Callable[[Any, Any], int]  # (cfg, dtype) -> bytes of one decoder layer
     preset_fields: Callable[[Any], dict]  # cfg -> flat fields presets `match` against
     default_template: str = "raw"
+    # K when neither the command nor a preset gives one: the paper's setting for the family
+    # (LLaVA-1.5 and LLaVA-NeXT 2, Qwen2.5-VL 1)
+    default_prune_layer: int = 2
 
 
 FAMILIES: dict[str, Family] = {}
