@@ -1,7 +1,8 @@
 """Prefill and time to first token of several pruning settings measured side by side in one run:
 every setting compiled first (compile time recorded apart), then rounds in which the settings
-alternate, so that a slower or busier moment of the machine hits them all alike; the first
-round warms up and is not counted. Used by the family benchmarks (`llava_next_prefill.py`,
+alternate, each round starting with the next one, so that a slower or busier moment of the
+machine hits them all alike; the first round warms up and is not counted. The prefill is
+compiled without decode room (a generation's cache is a little larger). Used by the family benchmarks (`llava_next_prefill.py`,
 `qwen_prefill.py`).
 
 TTFT is what a request pays: preprocessing from the raw inputs (`encode()`: pixels, tokens;
@@ -46,8 +47,9 @@ def time_rounds(model, runs: dict[str, dict], encode: Callable[[], dict], rounds
     vision_s = []
     if vision is not None:
         jax.block_until_ready(vision())
+    order = list(runs.values())
     for i in range(rounds + 1):  # the first round warms up
-        for r in runs.values():
+        for r in order[i % len(order):] + order[:i % len(order)]:  # each round starts with another setting
             t0 = time.perf_counter()
             fresh = encode()
             inputs, spans, _, extra = api.prepare(model, fresh["input_ids"], fresh["pixel_values"],

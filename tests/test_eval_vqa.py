@@ -124,10 +124,13 @@ def test_scienceqa_question_file(tmp_path, offline):
     answers = read_jsonl(a)
     assert [x["question_id"] for x in answers] == ["s0", "s1", "s2", "text-only"]
     assert [x["text"] for x in answers[:3]] == offline["preset"][:3]
+    assert answers[0]["prompt"] == "<image>\n" + examples()[0]["question"] and answers[3]["prompt"] == "Say one word."
     assert all(set(x) == FIELDS for x in answers)
     b = tmp_path / "b.jsonl"
     assert run_main("--question-file", q, "--answers-file", b, "--single-pred-prompt", "--batch-size", 4) == 0
-    assert read_jsonl(b)[0]["prompt"] == examples()[0]["question"] + "\n" + \
+    assert read_jsonl(b)[0]["prompt"] == "<image>\n" + examples()[0]["question"] + "\n" + \
+        "Answer with the option's letter from the given choices directly."  # as LLaVA records it
+    assert read_jsonl(b)[3]["prompt"] == "Say one word.\n" + \
         "Answer with the option's letter from the given choices directly."
 
 
@@ -145,22 +148,33 @@ def test_mmbench_tsv_with_rounds_and_resume(tmp_path):
     e0, e1 = examples()[:2]
     rows = [MMB_HEADER,
             "\t".join(["11", e0["question"], "A hint.", "red", "green", "blue", "", b64(e0["file"]), "color"]),
-            "\t".join(["12", e1["question"], "nan", "yes", "no", "", "", b64(e1["file"]), "nan"])]
+            "\t".join(["12", e1["question"], "nan", "yes", "no", "", "", b64(e1["file"]), "nan"]),
+            "\t".join(["13", e1["question"], "N/A", "no", "yes", "NA", "", "12", "nan"])]  # image of row 12
     q = tmp_path / "mmb.tsv"
     q.write_text("\n".join(rows) + "\n")
     a = tmp_path / "a.jsonl"
     assert run_main("--question-file", q, "--answers-file", a, "--all-rounds", "--single-pred-prompt",
                     "--batch-size", 4) == 0
     answers = read_jsonl(a)
-    assert [(x["question_id"], x["round_id"]) for x in answers] == [(11, 0), (11, 1), (11, 2), (12, 0), (12, 1)]
+    assert [(x["question_id"], x["round_id"]) for x in answers] == \
+        [(11, 0), (11, 1), (11, 2), (12, 0), (12, 1), (13, 0), (13, 1)]
+    assert answers[5]["prompt"] == f"{e1['question']}\nA. no\nB. yes"  # pandas' NA cells end the options
     assert answers[0]["prompt"] == f"A hint.\n{e0['question']}\nA. red\nB. green\nC. blue"
     assert answers[1]["options"] == ["green", "blue", "red"] and answers[1]["option_char"] == ["B", "C", "A"]
+    assert answers[1]["prompt"] == f"A hint.\n{e0['question']}\nA. green\nB. blue\nC. red"  # letters stay in order
     assert answers[3]["prompt"] == f"{e1['question']}\nA. yes\nB. no"
     assert answers[0]["metadata"]["category"] == "color" and "category" not in answers[3]["metadata"]
     assert all(x["text"] for x in answers)
     before = a.read_bytes()  # every (index, round) answered: nothing to do
     assert run_main("--question-file", q, "--answers-file", a, "--all-rounds", "--single-pred-prompt") == 0
     assert a.read_bytes() == before
+    got = []  # chunks split rows, never one row's rounds
+    for k in range(2):
+        c = tmp_path / f"c{k}.jsonl"
+        assert run_main("--question-file", q, "--answers-file", c, "--all-rounds", "--single-pred-prompt",
+                        "--num-chunks", 2, "--chunk-idx", k, "--batch-size", 4) == 0
+        got.append([(x["question_id"], x["round_id"]) for x in read_jsonl(c)])
+    assert got == [[(11, 0), (11, 1), (11, 2), (12, 0), (12, 1)], [(13, 0), (13, 1)]]
 
 
 def _bad(tmp_path, case):
@@ -193,6 +207,21 @@ def _bad(tmp_path, case):
         (tmp_path / "q.tsv").write_text("\n".join(rows) + "\n")
         return ["--question-file", tmp_path / "q.tsv", "--answers-file", tmp_path / "a.jsonl"], \
             "q.tsv:2: the image cell is not base64"
+    elif case == "mmbench not an image":
+        import base64
+
+        rows = [MMB_HEADER, "\t".join(["7", "Q?", "nan", "x", "y", "", "", base64.b64encode(b"hello" * 20).decode(),
+                                       "c"])]
+        (tmp_path / "q.tsv").write_text("\n".join(rows) + "\n")
+        return ["--question-file", tmp_path / "q.tsv", "--answers-file", tmp_path / "a.jsonl"], \
+            "q.tsv:2: the image cell's bytes are not an image"
+    elif case == "mmbench short row":
+        (tmp_path / "q.tsv").write_text(MMB_HEADER + "\n7\tQ?\n")
+        return ["--question-file", tmp_path / "q.tsv", "--answers-file", tmp_path / "a.jsonl"], \
+            "q.tsv:2: the row has 2 cells for 9 columns"
+    elif case == "rounds on jsonl":
+        extra = ["--all-rounds"]
+        expect = "--all-rounds and --lang apply to MMBench"
     elif case == "mmbench no options":
         (tmp_path / "q.tsv").write_text("index\tquestion\timage\n1\tQ?\tAAAA\n")
         return ["--question-file", tmp_path / "q.tsv", "--answers-file", tmp_path / "a.jsonl"], \
@@ -206,7 +235,8 @@ def _bad(tmp_path, case):
 
 @pytest.mark.parametrize("case", ["missing image", "bad json line", "missing key", "duplicate id", "bad chunk",
                                   "bad keep-ratio", "not an answers file", "scienceqa not a list",
-                                  "mmbench bad base64", "mmbench no options"])
+                                  "mmbench bad base64", "mmbench no options", "mmbench not an image",
+                                  "mmbench short row", "rounds on jsonl"])
 def test_bad_inputs_fail_before_the_model_loads(case, tmp_path, capsys, monkeypatch):
     from ep_jax import checkpoint
 

@@ -14,9 +14,11 @@
 
 Every reader returns dicts with: `question_id`, `text` (what the model is asked), `prompt` (what
 the answers file records, as the LLaVA script writes it), `image` (a path, a zero-argument
-callable giving the image, or None), `key` (unique per answer, for resuming), `where` (FILE:LINE
-for messages) and `answer` (extra answer fields: `round_id`, `options`, `option_char`; and the
-`metadata` category). All checks happen here, before a model is loaded.
+callable giving the image, or None), `key` (unique per answer, for resuming), `group` (the unit
+--num-chunks splits: a question, or an MMBench row with all its rounds), `where` (FILE:LINE for
+messages) and `answer` (extra answer fields: `round_id`, `options`, `option_char`; and the
+`metadata` category). All checks happen here, before a model is loaded (image files are
+opened when their batch is answered; MMBench images are checked to be images here).
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ def read_question_file(path: Path, image_folder: Path, fmt: str = "auto", *, sin
     fmt = guess_format(path) if fmt == "auto" else fmt
     if fmt not in FORMATS:
         raise InputError(f"--question-format {fmt!r}: use one of auto, {', '.join(FORMATS)}")
+    if fmt != "mmbench" and (all_rounds or lang != "en"):
+        raise InputError(f"--all-rounds and --lang apply to MMBench question files, not {fmt}")
+    if fmt == "jsonl" and single_pred_prompt:
+        raise InputError("--single-pred-prompt applies to ScienceQA and MMBench question files, not jsonl",
+                         fix="a JSONL question file words its own instructions in `text`")
     text = _read_text(path)
     if fmt == "jsonl":
         questions = read_jsonl(path, text, image_folder)
@@ -91,7 +98,7 @@ def _question(qid, text: str, where: str, *, prompt: str | None = None, image=No
     if round_id is not None:
         answer["round_id"] = round_id
     return {"question_id": qid, "text": text, "prompt": text if prompt is None else prompt, "image": image,
-            "key": key_of(qid, round_id), "where": where, "answer": answer}
+            "key": key_of(qid, round_id), "group": key_of(qid), "where": where, "answer": answer}
 
 
 def _image_path(value, where: str, image_folder: Path) -> Path | None:
@@ -148,29 +155,47 @@ def read_scienceqa(path: Path, text: str, image_folder: Path, single_pred_prompt
         qs = turns[0]["value"].replace("<image>", "").strip()
         if single_pred_prompt:
             qs = qs + "\n" + LETTER_PROMPT
-        questions.append(_question(item["id"], qs, where, image=_image_path(item.get("image"), where, image_folder)))
+        image = _image_path(item.get("image"), where, image_folder)
+        # the recorded prompt starts with "<image>\n" for an image question, as LLaVA's (its
+        # eval_science_qa.py counts multimodal questions by it); the chat template places the image
+        questions.append(_question(item["id"], qs, where, prompt=("<image>\n" if image else "") + qs, image=image))
     return questions
 
 
 # ---------------------------------------------------------------------- MMBench
+# pandas' default NA strings: LLaVA reads the TSV with pd.read_table, which turns these into NaN
+_PANDAS_NA = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>",
+              "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
+
+
 def _blank(value) -> bool:
-    """LLaVA's is_none: missing, NaN (pandas' empty cell) or the text 'nan'."""
+    """LLaVA's is_none after pandas: a missing cell, one of pandas' NA strings, or 'nan' /
+    'none' in any case."""
     return value is None or (isinstance(value, float) and math.isnan(value)) or \
-        (isinstance(value, str) and value.strip().lower() in ("", "nan", "none"))
+        (isinstance(value, str) and (value in _PANDAS_NA or value.lower() in ("nan", "none")))
 
 
 def read_mmbench(path: Path, text: str, single_pred_prompt: bool, all_rounds: bool, lang: str) -> list[dict]:
     csv.field_size_limit(1 << 30)  # base64 images are long cells
-    rows = list(csv.DictReader(io.StringIO(text), delimiter="\t"))
+    reader = csv.DictReader(io.StringIO(text), delimiter="\t")
+    rows = []
+    for row in reader:
+        rows.append((f"{path}:{reader.line_num}", row))
     if not rows:
         return []
-    missing = [k for k in ("index", "question", "image", "A", "B") if k not in rows[0]]
+    missing = [k for k in ("index", "question", "image", "A", "B") if k not in reader.fieldnames]
     if missing:
         raise InputError(f"--question-file {path}: the TSV header lacks {', '.join(missing)}",
                          fix="an MMBench file has the columns index, question, hint, A, B, C, D, image")
+    images = {}
+    for where, row in rows:
+        if None in row.values() or None in row:  # DictReader: a short row's missing cells, a long row's extra
+            cells = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or ())
+            raise InputError(f"{where}: the row has {cells} cells for {len(reader.fieldnames)} columns",
+                             fix="each row needs one tab-separated cell per header column")
+        images[row["index"]] = row["image"]
     questions = []
-    for n, row in enumerate(rows, 2):
-        where = f"{path}:{n}"
+    for where, row in rows:
         options = []
         for c in OPTION_CHARS:
             if _blank(row.get(c)):
@@ -179,11 +204,11 @@ def read_mmbench(path: Path, text: str, single_pred_prompt: bool, all_rounds: bo
         if len(options) < 2:
             raise InputError(f"{where}: question {row['index']!r} has fewer than two options")
         qid = int(row["index"]) if row["index"].strip().lstrip("-").isdigit() else row["index"]
-        image = _base64_image(row["image"], where)
+        image = _base64_image(_image_cell(row, images, where), where)
         chars = list(OPTION_CHARS[:len(options)])
         for round_id in range(len(options) if all_rounds else 1):
             question = row["question"] if _blank(row.get("hint")) else row["hint"] + "\n" + row["question"]
-            for c, option in zip(chars, options):
+            for c, option in zip(OPTION_CHARS, options):  # the letters stay in order; the options rotate
                 question = question + "\n" + c + ". " + option
             qs = question + ("\n" + (LETTER_PROMPT_CN if lang == "cn" else LETTER_PROMPT) if single_pred_prompt
                              else "")
@@ -194,6 +219,17 @@ def read_mmbench(path: Path, text: str, single_pred_prompt: bool, all_rounds: bo
     return questions
 
 
+def _image_cell(row: dict, images: dict, where: str) -> str:
+    """The row's base64 image; a short all-digit cell names the row whose image it shares (as in
+    VLMEvalKit's TSVs, which store a repeated image once)."""
+    cell = row["image"].strip()
+    if len(cell) < 64 and cell.isdigit():
+        if cell not in images or len(images[cell].strip()) < 64:
+            raise InputError(f"{where}: the image cell {cell!r} names no row with an image")
+        return images[cell]
+    return cell
+
+
 def _base64_image(data: str, where: str) -> Callable[[], Any]:
     """The cell checked as base64 now; decoded to an image when its batch is answered."""
     try:
@@ -202,10 +238,14 @@ def _base64_image(data: str, where: str) -> Callable[[], Any]:
         raise InputError(f"{where}: the image cell is not base64 image data") from None
     if not raw:
         raise InputError(f"{where}: the image cell is empty")
+    import PIL.Image
+
+    try:
+        PIL.Image.open(io.BytesIO(raw))  # reads the header only; the pixels are decoded with the batch
+    except Exception as e:  # noqa: BLE001 - any decoder refusal is a bad input
+        raise InputError(f"{where}: the image cell's bytes are not an image ({type(e).__name__})") from None
 
     def load():
-        import PIL.Image
-
         from ep_jax.errors import ProcessingError
         from ep_jax.image_files import load_image
 

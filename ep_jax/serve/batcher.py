@@ -44,6 +44,7 @@ class Job:
     events: asyncio.Queue
     prompt_tokens: int = 0
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    sent: str = ""  # the text streamed so far: a greedy request rerun alone (its batch failed) resumes after it
     arrived: float = dataclasses.field(default_factory=time.perf_counter)
 
     @property
@@ -168,8 +169,7 @@ class Batcher:
         padded = batch + batch[-1:] * (size - len(batch))
         eos = set(self.model.config.eos_ids or ())
         first = batch[0]
-        sent = [""] * len(batch)  # the text each streaming request has been sent
-        on_token = self._streamer(batch, sent, eos) if first.stream else None
+        on_token = self._streamer(batch, eos) if first.stream else None
         gen = run_generation(
             self.model, [job.images or None for job in padded], [job.prompt for job in padded],
             max_new_tokens=first.max_tokens, temperature=first.temperature, top_p=first.top_p, top_k=first.top_k,
@@ -186,12 +186,12 @@ class Batcher:
             result = {"text": text, "finish_reason": "stop" if ended else "length",
                       "prompt_tokens": int(prompt_tokens[i]), "completion_tokens": len(ids),
                       "batch_size": len(batch)}
-            if job.stream and text.startswith(sent[i]) and len(text) > len(sent[i]):  # what was held back
-                job.emit("delta", text[len(sent[i]):])
+            if job.stream and text.startswith(job.sent) and len(text) > len(job.sent):  # what was held back
+                job.emit("delta", text[len(job.sent):])
             self.stats["requests_served"] += 1
             job.emit("done", result)
 
-    def _streamer(self, batch: list[Job], sent: list[str], eos: set[int]):
+    def _streamer(self, batch: list[Job], eos: set[int]):
         """The `on_token` callback of a streaming batch: each request gets the new text of its
         row as it is decoded; text that could be the start of a stop string, or a character
         whose bytes are not all decoded yet, is held back until it is certain."""
@@ -214,10 +214,10 @@ class Batcher:
                 if hit:
                     finished[i] = True
                 elif holdback[i]:
-                    text = text[:max(len(text) - holdback[i], len(sent[i]))]
+                    text = text[:max(len(text) - holdback[i], len(job.sent))]
                 text = text.rstrip("\ufffd")
-                if len(text) > len(sent[i]) and text.startswith(sent[i]):
-                    job.emit("delta", text[len(sent[i]):])
-                    sent[i] = text
+                if len(text) > len(job.sent) and text.startswith(job.sent):
+                    job.emit("delta", text[len(job.sent):])
+                    job.sent = text
 
         return on_token
