@@ -410,3 +410,24 @@ def test_ecl_profile_runs_on_the_family(qwen):
     alone = ecl.profile_images(model, images[1:], batch_size=1)
     np.testing.assert_allclose(both.set_entropy[1], alone.set_entropy[0], atol=1e-4)
 
+
+
+def test_cli_answers_about_an_image_with_explain(qwen, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    d, _, model = qwen
+    img = tmp_path / "photo.png"
+    _images([(150, 100)])[0].save(img)
+    r = subprocess.run([sys.executable, "-m", "ep_jax.generate", "--model", str(d), "--image", str(img), "--prompt",
+                        PROMPTS[0], "--max-new-tokens", "6", "--keep-ratio", "0.25", "--json",
+                        "--explain", str(tmp_path / "kept.png")],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=600)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    want = ep_jax.generate(model, [PIL.Image.open(img)], [PROMPTS[0]], max_new_tokens=6,
+                           prune=PruneConfig(layer=1, keep_ratio=0.25), return_ids=True)[1][0]
+    assert out["token_ids"][0] == list(map(int, want))
+    assert PIL.Image.open(tmp_path / "kept.png").size[0] >= 100  # drawn on the original image

@@ -114,7 +114,7 @@ def test_a_second_process_reads_the_persistent_cache(tmp_path):
 LAYERS = ["errors", "core", "nn", "runtime", "host", "families", "io", "analysis", "cli"]
 PLACE = {  # top-level modules outside the layer folders
     "config": "core",  # plain config dataclasses (decoder and vision shapes) read from config.json
-    "processing": "host", "images": "host", "image_files": "host", "tokenizer": "host", "files": "host", "hf": "host",
+    "processing": "host", "images": "host", "image_files": "host", "video": "host", "tokenizer": "host", "files": "host", "hf": "host",
     "checkpoint": "io", "presets": "io",
     "generate": "cli", "ecl": "cli", "bench": "cli", "bench_setup": "cli", "bench_speed": "cli",
     "bench_compile": "cli", "bench_report": "cli", "quality": "cli", "train": "cli", "data": "cli",

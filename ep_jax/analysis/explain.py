@@ -1,7 +1,8 @@
-"""`--explain`: an image with the kept patches outlined, and the score map beside it.
+"""`--explain`: an image with the kept patches outlined, and the score map beside it; for a video,
+a strip of its sampled frames (the first of each temporal patch) with the kept patches outlined.
 
-Reads the visual spans (`core.spans`): each visual token's image and (h, w) cell on its grid, so
-any family whose image is one grid of patches is drawn the same way.
+Reads the visual spans (`core.spans`): each visual token's image and (t, h, w) cell on its grid,
+so any family whose image is one grid of patches is drawn the same way.
 """
 
 from __future__ import annotations
@@ -109,6 +110,55 @@ def write_explanation(path: str | Path, gen, example: int = 0, mean=CLIP_MEAN, s
     path = Path(path)
     try:
         with atomic_path(path) as tmp:  # the file appears whole or not at all
+            fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
+    return path
+
+
+MAX_STRIP_PANELS = 32  # a longer video shows this many of its temporal patches, evenly spaced
+STRIP_COLUMNS = 8
+
+
+def write_video_strip(path: str | Path, gen, frames: np.ndarray, timestamps, *, example: int = 0, video: int = 0,
+                      temporal_patch: int = 2) -> Path:
+    """Video `video` (its index among the example's images and videos) of one example: the first
+    frame of each temporal patch (`frames` [n, H, W, 3] uint8, the sampled frames) with the patches
+    kept from that frame pair outlined, the rest dimmed; its time and kept count above it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spans = gen.spans.example(example)
+    mine = spans.image[0] == video
+    if not mine.any():
+        raise InputError(f"example {example} has no video {video} to explain")
+    steps = int(spans.grid[0, mine][0][0])
+    shown = np.unique(np.linspace(0, steps - 1, min(steps, MAX_STRIP_PANELS)).round().astype(int))
+    cols = min(STRIP_COLUMNS, len(shown))
+    rows = -(-len(shown) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.2 * rows + 0.5), squeeze=False)
+    for ax, t in zip(axes.flat, shown):
+        _, kept = score_grid(gen, example, image=video, t=int(t))
+        frame = min(int(t) * temporal_patch, len(frames) - 1)
+        _draw_kept(ax, np.asarray(frames[frame], np.float32) / 255.0, kept)
+        ax.set_title(f"{float(timestamps[frame]):.1f} s: kept {int(kept.sum())}/{kept.size}", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if not ax.images:
+            ax.axis("off")
+    stage = gen.stage
+    keep = stage.keep if gen.keep is None else int(gen.keep[example])
+    n = int(mine.sum())
+    fig.suptitle(f"{stage.config.method} (K={stage.layer}, R={keep} over all visual tokens): this video keeps "
+                 f"{int(np.asarray(gen.prefill.kept_mask[example])[spans.positions[0, mine]].sum())}/{n} tokens"
+                 + ("" if len(shown) == steps else f"; {len(shown)} of {steps} frame pairs shown"), fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".").lower() or "png")
     finally:
         plt.close(fig)

@@ -36,7 +36,7 @@ from ep_jax.errors import InputError
 from ep_jax.eval.formats import FORMATS, key_of, read_question_file
 
 # generate's flags that make no sense for a question file (the questions and images come from it).
-_NOT_FOR_EVAL = {"help", "image", "prompt", "stream", "json", "explain", "raw_prompt"}
+_NOT_FOR_EVAL = {"help", "image", "video", "fps", "prompt", "stream", "json", "explain", "raw_prompt"}
 
 
 def generation_flags() -> argparse.ArgumentParser:
@@ -220,7 +220,7 @@ def _run(args) -> int:
         model_path = presets.default_model_path()
         print(f"using the shipped model {model_path} (pass --model for another)", file=sys.stderr)
     model = checkpoint.load(model_path, dtype=args.dtype, layout=args.layout)
-    prune = prune_config(args, model.preset)
+    prune = prune_config(args, model.preset, model.family)
     model_id = args.model_id or Path(os.path.abspath(model_path)).name
     settings = {
         "prune": None if prune is None else {"method": prune.method, "layer": prune.layer,

@@ -1,5 +1,5 @@
 """The public runtime: `forward` (logits for processed inputs) and `generate` /
-`run_generation` (images + prompts -> answers), for any family.
+`run_generation` (images or videos + prompts -> answers), for any family.
 
 Compiled functions are cached per model, keyed by every static setting and input shape
 (`runtime.engine`): prompts are padded to length buckets, visual tokens to slot counts and
@@ -289,8 +289,14 @@ def run_generation(
     prune: PruneConfig | None | str = PRESET,
     template: str | None = None,
     on_token: Callable[[list[int]], None] | None = None,
+    videos: Sequence[Any] | None = None,
+    fps: float | None = None,
 ) -> Generation:
-    """Everything `generate` does, with timings and the prune stage's outputs."""
+    """Everything `generate` does, with timings and the prune stage's outputs. `videos` (models
+    that take video, Qwen2.5-VL): one entry per prompt, a video file, a folder of frames, an
+    array [T, H, W, 3] or an `ep_jax.video.Video`, a list of them, or None; sampled at `fps`
+    (default 2.0). Their tokens are visual tokens of the example like an image's: one top-R over
+    all of them (docs/ALGORITHM.md §8)."""
     prompts = check_prompts(prompts)
     check_sampling(max_new_tokens, temperature, top_p, top_k, seed)
     _check_prune(prune)
@@ -301,7 +307,8 @@ def run_generation(
     t_tok = time.perf_counter()
     template = template or getattr(model.preset, "template", None) or model.family.default_template
     max_len = model.config.text.max_position_embeddings
-    enc = proc.encode(prompts, images, template=template, pad_side="left", max_length=max_len)
+    enc = proc.encode(prompts, images, template=template, pad_side="left", max_length=max_len,
+                      **_video_kwargs(proc, videos, fps))
     if int(enc["lengths"].max()) + max_new_tokens > max_len:
         raise InputError(
             f"prompt ({int(enc['lengths'].max())} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
@@ -373,6 +380,15 @@ def run_generation(
     return Generation(texts, token_ids, timings, stage, res, inputs, spans, None if extra is None else extra["keep"])
 
 
+def _video_kwargs(proc, videos, fps) -> dict:
+    """What the processor's `encode` takes for videos ({} without videos)."""
+    if videos is None and fps is None:
+        return {}
+    if getattr(proc, "video_processor", None) is None:
+        raise InputError("this model takes no video (video inputs need a Qwen2.5-VL model)")
+    return {"videos": videos, "fps": fps}
+
+
 def _non_finite(finite: np.ndarray) -> NumericalError:
     bad = np.flatnonzero(~finite).tolist()
     return NumericalError(f"the model produced NaN or infinite logits for example(s) {bad}",
@@ -400,16 +416,21 @@ def generate(
     top_k: int = 0,
     template: str | None = None,
     return_ids: bool = False,
+    videos: Sequence[Any] | None = None,
+    fps: float | None = None,
 ):
     """Answer each (image, prompt) pair. Returns a list of strings, or (strings, token ids).
 
     Defaults are the CLI's: the model preset's chat template and pruning (`default_prune`:
-    EntropyPrune at the preset's K and budget); `prune=None` runs the full model.
+    EntropyPrune at the preset's K and budget); `prune=None` runs the full model. `videos` and
+    `fps`: as `run_generation` (Qwen2.5-VL; `images` may then be None).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
         if images is not None and not isinstance(images, (list, tuple)):
             images = [images]
+        if videos is not None and not isinstance(videos, (list, tuple)):
+            videos = [videos]
     g = run_generation(model, images, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, top_k=top_k, seed=seed, prune=prune, template=template)
+                       top_p=top_p, top_k=top_k, seed=seed, prune=prune, template=template, videos=videos, fps=fps)
     return (g.texts, g.token_ids) if return_ids else g.texts

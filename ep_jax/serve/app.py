@@ -155,7 +155,7 @@ def parse_messages(messages, opts: ServeOptions) -> tuple[str, list]:
     return prompt, images
 
 
-def parse_prune(spec, preset):
+def parse_prune(spec, preset, family=None):
     """The `ep_prune` extra field -> PruneConfig | None (absent: the preset's default)."""
     from ep_jax.cli.generate import METHODS, prune_config
     from ep_jax.runtime.api import default_prune
@@ -185,7 +185,7 @@ def parse_prune(spec, preset):
                               keep=spec.get("keep"), keep_avg=spec.get("avg_keep"), keep_ratio=spec.get("keep_ratio"),
                               score_source=spec.get("source", "query"))
     try:
-        return prune_config(args, preset)
+        return prune_config(args, preset, family)
     except EpJaxError as e:
         raise ApiError(400, f"ep_prune: {e}", "ep_prune", "invalid_value") from None
 
@@ -218,7 +218,7 @@ def parse_request(body, model, opts: ServeOptions, loop) -> Job:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "stream_options must be an object", "stream_options", "invalid_value")
-    prune = parse_prune(body.get("ep_prune"), model.preset)
+    prune = parse_prune(body.get("ep_prune"), model.preset, model.family)
     prompt, images = parse_messages(body["messages"], opts)
     # the prompt's length with its images (the chat template's, as run_generation encodes it;
     # the pixels are computed once, in the batch)

@@ -1,7 +1,8 @@
 """The Qwen2.5-VL module: window-attention vision tower + Qwen2 decoder with M-RoPE.
 
     patches -> vision tower -> merged tokens (window order) --.
-    input_ids -> token embeddings -> each <|image_pad|> slot takes merged row `feature_index[b, s]`
+    input_ids -> token embeddings -> each <|image_pad|> / <|video_pad|> slot takes merged row
+                 `feature_index[b, s]` (images and videos of the batch in one list of grids)
     positions [3, b, s]: transformers' `get_rope_index`, computed on the host (`mrope_positions`)
 
 The decoder is LLaMA's (`nn.llama.DecoderLayer`) with bias on q/k/v only and M-RoPE
@@ -35,7 +36,8 @@ class Qwen25VL(Llava):
 
     def image_features(self, inputs: dict) -> Float[Array, "u d"]:
         return self.vision(inputs["pixel_values"], inputs["vision_perm"], inputs["vision_pos"],
-                           inputs["vision_full_segment"], inputs["vision_window_segment"])
+                           inputs["vision_full_segment"], inputs["vision_window_segment"], inputs["vision_full_keys"],
+                           inputs["vision_window_keys"])
 
     def embed_inputs(self, inputs: dict) -> tuple[Float[Array, "b s d"], Int[Array, "3 b s"]]:
         ids = inputs["input_ids"]
@@ -43,7 +45,8 @@ class Qwen25VL(Llava):
         if inputs.get("pixel_values") is not None:
             feats = self.image_features(inputs).astype(x.dtype)
             rows = jnp.take(feats, inputs["feature_index"], axis=0, mode="clip")
-            x = jnp.where((ids == self.cfg.image_token_id)[..., None], rows, x)
+            visual = (ids == self.cfg.image_token_id) | (ids == self.cfg.video_token_id)
+            x = jnp.where(visual[..., None], rows, x)
         return x, inputs["mrope_positions"]
 
     def decode_positions(self, next_position: Int[Array, "b"]) -> Int[Array, "3 b 1"]:

@@ -4,7 +4,10 @@ flattened merge-block by merge-block, each frame repeated over the 2 temporal sl
 whose `<|image_pad|>` expands to `grid_thw.prod() // 4` tokens, as `Qwen2_5_VLProcessor` does.
 
 `encode` returns the Processor's arrays with "pixel_values" [patches, 3 * 2 * 14 * 14] and
-"image_grid_thw" [images, 3] (the runtime passes it on to the family's `inputs`).
+"image_grid_thw" [images, 3] (the runtime passes it on to the family's `inputs`). With `videos`
+(`video_processing.QwenVideoProcessor`: transformers' `Qwen2VLVideoProcessor`), each
+`<|video_pad|>` expands to `video_grid_thw.prod() // 4` tokens and the output adds
+"pixel_values_videos", "video_grid_thw", "second_per_grid_ts" and "mm_token_type_ids".
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import numpy as np
 from ep_jax.errors import ProcessingError
 from ep_jax.families.llava_next.processing import NextProcessor
 from ep_jax.images import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessor
-from ep_jax.processing import DEFAULT_BUCKETS, Processor, TaggedPixels
+from ep_jax.processing import DEFAULT_BUCKETS, Processor, TaggedPixels, get_template
 
 IMAGE_PAD = "<|image_pad|>"
+VIDEO_PAD = "<|video_pad|>"
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 28 * 28 * 1280  # transformers' defaults (the hub checkpoints' too)
 
 
@@ -59,19 +63,22 @@ class QwenImageProcessor(ImageProcessor):
         if not kind.startswith(("Qwen2VLImageProcessor", "Qwen2_5_VLImageProcessor")):
             raise ProcessingError(f"image_processor_type={kind!r}: a Qwen2.5-VL checkpoint has a "
                                   "Qwen2_5_VLImageProcessor / Qwen2VLImageProcessor")
+        return cls(**{**cls.hf_fields(d, MIN_PIXELS, MAX_PIXELS), **overrides})
+
+    @staticmethod
+    def hf_fields(d: dict[str, Any], min_pixels: int, max_pixels: int) -> dict[str, Any]:
+        """The fields of a transformers processor config (defaults: `min_pixels`, `max_pixels`)."""
         size = d.get("size") or {}
         mean, std = d.get("image_mean", OPENAI_CLIP_MEAN), d.get("image_std", OPENAI_CLIP_STD)
-        fields = dict(
-            min_pixels=int(d.get("min_pixels") or size.get("shortest_edge") or MIN_PIXELS),
-            resize_max_pixels=int(d.get("max_pixels") or size.get("longest_edge") or MAX_PIXELS),
+        return dict(
+            min_pixels=int(d.get("min_pixels") or size.get("shortest_edge") or min_pixels),
+            resize_max_pixels=int(d.get("max_pixels") or size.get("longest_edge") or max_pixels),
             patch_size=int(d.get("patch_size", 14)), temporal_patch_size=int(d.get("temporal_patch_size", 2)),
             merge_size=int(d.get("merge_size", 2)), resample=int(d.get("resample", 3)),
             do_rescale=bool(d.get("do_rescale", True)), rescale_factor=float(d.get("rescale_factor", 1 / 255)),
             do_normalize=bool(d.get("do_normalize", True)), image_mean=tuple(float(x) for x in mean),
             image_std=tuple(float(x) for x in std), do_convert_rgb=bool(d.get("do_convert_rgb", True)),
         )
-        fields.update(overrides)
-        return cls(**fields)
 
     @classmethod
     def from_dir(cls, path: str | Path, **overrides: Any) -> "QwenImageProcessor":
@@ -118,25 +125,56 @@ class _Done:
 
 
 class QwenProcessor(NextProcessor):
-    """Tokenizer + Qwen2-VL image processor: every <|image_pad|> expands to its image's tokens
-    (LLaVA-NeXT's per-image expansion, `NextProcessor._expand`)."""
+    """Tokenizer + Qwen2-VL image and video processors: every <|image_pad|> expands to its image's
+    tokens (LLaVA-NeXT's per-image expansion, `NextProcessor._expand`), every <|video_pad|> to its
+    video's (`video_grid_thw.prod() // 4`), as `Qwen2_5_VLProcessor` does."""
 
-    def __init__(self, tokenizer, image_processor: QwenImageProcessor, *, image_token: str = IMAGE_PAD):
+    def __init__(self, tokenizer, image_processor: QwenImageProcessor, *, image_token: str = IMAGE_PAD,
+                 video_processor=None):
         super().__init__(tokenizer, image_processor, patch_size=image_processor.patch_size, image_seq_len=1,
                          image_token=image_token)
+        self.video_processor = video_processor
+        self._video_rows: list[list[int]] | None = None
 
     @classmethod
     def from_dir(cls, path, cfg=None) -> "QwenProcessor":
+        from ep_jax.families.qwen2_5_vl.video_processing import QwenVideoProcessor
         from ep_jax.tokenizer import load_tokenizer
 
-        return cls(load_tokenizer(path), QwenImageProcessor.from_dir(path))
+        return cls(load_tokenizer(path), QwenImageProcessor.from_dir(path),
+                   video_processor=QwenVideoProcessor.from_dir(path))
 
     def num_image_tokens(self, height: int, width: int) -> int:
         ip = self.image_processor
         h, w = ip.resized_size(height, width)
         return (h // ip.patch_size) * (w // ip.patch_size) // ip.merge_size ** 2
 
-    def encode(self, prompts, images=None, **kw) -> dict[str, np.ndarray]:
+    @property
+    def video_token_id(self) -> int:
+        ids = self.tokenizer.encode(VIDEO_PAD, add_special_tokens=False)
+        if len(ids) != 1 or ids[0] == self.tokenizer.unk_token_id:
+            raise ProcessingError(f"the tokenizer has no single token for {VIDEO_PAD!r}; use the checkpoint's own "
+                                  "tokenizer (Qwen2.5-VL's has it)")
+        return int(ids[0])
+
+    def _expand(self, ids):
+        if self._video_rows is None:
+            return super()._expand(ids)
+        counts, vid = self._video_rows.pop(0), self.video_token_id
+        if ids.count(vid) != len(counts):
+            raise ProcessingError(f"a prompt tokenises to {ids.count(vid)} {VIDEO_PAD!r} tokens for {len(counts)} "
+                                  f"video(s); put spaces or newlines around {VIDEO_PAD!r}")
+        counts = list(counts)
+        out = []
+        for t in super()._expand(ids):
+            out.extend([vid] * counts.pop(0) if t == vid else [t])
+        return out
+
+    def encode(self, prompts, images=None, *, videos=None, fps: float | None = None, **kw) -> dict[str, np.ndarray]:
+        """As `Processor.encode`, plus `videos`: None, or one entry per prompt: a video (a file, a
+        folder of frames, an array [T, H, W, 3], an `ep_jax.video.Video`), a list of videos, or
+        None; sampled at `fps` (default 2.0). With videos, the output adds transformers' keys
+        "pixel_values_videos", "video_grid_thw", "second_per_grid_ts" and "mm_token_type_ids"."""
         single = isinstance(prompts, str)
         prompts = [prompts] if single else list(prompts)
         one_image = single and images is not None and not isinstance(images, (list, tuple))
@@ -146,11 +184,55 @@ class QwenProcessor(NextProcessor):
         kw.setdefault("bucket_sizes", DEFAULT_BUCKETS)
         kw.setdefault("template", "qwen2_5_vl")
         merge = self.image_processor.merge_size ** 2
+        clips = self._videos(prompts, [videos] if single and videos is not None else videos, fps)
+        if clips is not None:
+            prompts = [self._with_video_slots(p, len(row), kw["template"]) for p, row in zip(prompts, clips)]
+            self._video_rows = [[c.num_tokens for c in row] for row in clips]
         self._counts = [int(np.prod(d.grid)) // merge for d in flat]
         try:
             enc = Processor.encode(self, prompts, done, **kw)
         finally:
-            self._counts = None
+            self._counts = self._video_rows = None
         enc["image_grid_thw"] = np.array([d.grid for d in flat], np.int64).reshape(-1, 3)
         enc["pixel_values"] = TaggedPixels(enc["pixel_values"], image_grid_thw=enc["image_grid_thw"])
+        if clips is not None:
+            enc.update(self._video_arrays([c for row in clips for c in row], enc["input_ids"]))
         return enc
+
+    def _videos(self, prompts, videos, fps):
+        """Per prompt, its videos' patches (None without videos)."""
+        if videos is None:
+            return None
+        if self.video_processor is None:
+            raise ProcessingError("this processor has no video processor; build it with QwenProcessor.from_dir")
+        if not isinstance(videos, (list, tuple)) or len(videos) != len(prompts):
+            raise ProcessingError(f"videos must be a list with one entry per prompt ({len(prompts)}), "
+                                  f"got {type(videos).__name__}")
+        rows = [[] if v is None else list(v) if isinstance(v, (list, tuple)) else [v] for v in videos]
+        vp = self.video_processor
+        return [[v if hasattr(v, "grid") else vp.video_patches(v, fps) for v in row] for row in rows]
+
+    def _with_video_slots(self, prompt: str, count: int, template) -> str:
+        """The prompt with one vision block per video in front (as the Qwen chat template puts a
+        video before the text), unless it places its own <|video_pad|> tokens."""
+        found = prompt.count(VIDEO_PAD)
+        if found == 0 and count:
+            slot = get_template(template).image_slot
+            if slot is None:
+                raise ProcessingError(f"the {get_template(template).name!r} template adds no video slot: put "
+                                      f"<|vision_start|>{VIDEO_PAD}<|vision_end|> where each video goes")
+            return slot.replace("{image}", VIDEO_PAD) * count + prompt
+        if found != count:
+            raise ProcessingError(f"prompt {prompt[:60]!r} has {found} {VIDEO_PAD!r} token(s) but {count} video(s) "
+                                  "were given for it")
+        return prompt
+
+    def _video_arrays(self, clips, input_ids) -> dict[str, np.ndarray]:
+        dim = 3 * self.image_processor.temporal_patch_size * self.image_processor.patch_size ** 2
+        grid = np.array([c.grid for c in clips], np.int64).reshape(-1, 3)
+        seconds = np.array([c.second_per_grid_t for c in clips], np.float32)
+        pixels = np.concatenate([c.pixels for c in clips]) if clips else np.zeros((0, dim), np.float32)
+        ids = np.asarray(input_ids)
+        types = np.where(ids == self.image_token_id, 1, np.where(ids == self.video_token_id, 2, 0)).astype(np.int64)
+        return {"pixel_values_videos": TaggedPixels(pixels, video_grid_thw=grid, second_per_grid_ts=seconds),
+                "video_grid_thw": grid, "second_per_grid_ts": seconds, "mm_token_type_ids": types}

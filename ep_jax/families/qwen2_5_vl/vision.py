@@ -4,11 +4,16 @@
         (2-D rotary, RMSNorm, window attention or full attention by segment masks, gated MLP)
         --> 2x2 patch merger [P/4, out] (still in window order)
 
-The host (`layout`) computes, for a batch of images of any sizes, every index the graph needs:
-the window permutation of the patches, their (h, w) rotary positions, the segment ids of full
-attention (one per image) and of window attention (one per window), and where each merged token
-lands (the inverse of the window order). P is padded to a bucket: padding patches form one
-segment of their own and are never read back.
+The host (`layout`) computes, for a batch of images and videos of any sizes, every index the
+graph needs: the window permutation of the patches, their (h, w) rotary positions, the segment ids
+of full attention (one per image, and one per temporal patch of a video: transformers'
+`cu_seqlens`) and of window attention (one per window), where each merged token lands (the
+inverse of the window order), and the key rows each block of queries reads (`key_rows`: in window
+layers a band of the block's rows and 2 windows around them; in full layers all P rows, or for a
+batch with a video only the frame pairs the block touches; the mask is built per block from the
+segment ids, never [P, P]). P is padded to a bucket: each padding patch attends to itself only
+and is never read back. The host and the graph read the block sizes (QUERY_BLOCK,
+WINDOW_QUERY_BLOCK) from this module at the same time: change them before preparing inputs.
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ PATCH_BUCKET = 1024  # patches of a batch are padded to a multiple of this: 4 x 
 # merged tokens), so both buckets change together (50 random photo sizes: 5 graphs, 26.5 % patch padding;
 # 256 would give 17 graphs and 5.9 %)
 _PAD_SEGMENT = -1
-QUERY_BLOCK = 1024  # vision attention runs queries in blocks of this many: scores [heads, block, P] at a time
+QUERY_BLOCK = 1024  # full attention runs queries in blocks of this many: scores [heads, block, W] at a time
+KEY_BUCKET = 1024  # a video batch's key band W is rounded up to a multiple of this (`key_rows`)
+WINDOW_QUERY_BLOCK = 256  # window attention: blocks of 256 queries against a band of 256 + 2 windows of keys
+WINDOW_KEY_BUCKET = 128  # (Qwen2.5-VL's 64-patch windows: 384 keys; 1/13 of the rows of a 1,280-token image)
 
 
 def patch_bucket(p: int, bucket: int | None = None) -> int:
@@ -70,35 +78,72 @@ def rotary_positions(grid_thw, m: int) -> np.ndarray:
 class VisionLayout:
     perm: np.ndarray  # int32 [P]: patch read at each window-ordered row
     pos: np.ndarray  # int32 [P, 2]: (h, w) rotary positions, window order
-    full_segment: np.ndarray  # int32 [P]: image of each row (-1 padding)
-    window_segment: np.ndarray  # int32 [P]: window of each row (-1 padding)
+    full_segment: np.ndarray  # int32 [P]: image (video: temporal patch) of each row (< 0: padding)
+    window_segment: np.ndarray  # int32 [P]: window of each row (< 0: padding)
     merged_row: np.ndarray  # int32 [tokens]: merged row of each visual token in image order
+    full_keys: np.ndarray  # int32 [P / QUERY_BLOCK, W]: the rows each block of queries attends over (full layers)
+    window_keys: np.ndarray  # int32 [P / WINDOW_QUERY_BLOCK, W']: the same for the window-attention layers
+
+
+def key_rows(segment: np.ndarray, width: int | None, block: int, bucket: int) -> np.ndarray:
+    """int32 [blocks, W]: the key rows of each block of `block` queries. Segments (an image or
+    a frame pair of a video for full attention, a window for window attention; each padding row
+    alone) are contiguous in window order and no query sees past its own, so a block needs only
+    the rows of the segments it touches. W: `width` (a bound on every block's range), else the
+    widest range in this batch; rounded up to `bucket`, at most P; each block's W rows are
+    shifted to stay inside [0, P)."""
+    p = len(segment)
+    firsts = range(0, p, block)
+    cut = np.flatnonzero(np.diff(segment)) + 1
+    starts, ends = np.concatenate([[0], cut]), np.concatenate([cut, [p]])
+    owner = np.repeat(np.arange(len(starts)), ends - starts)
+    lo = np.array([starts[owner[i]] for i in firsts])
+    hi = np.array([ends[owner[min(i + block, p) - 1]] for i in firsts])
+    width = int((hi - lo).max()) if width is None else width
+    width = min(p, -(-width // bucket) * bucket)
+    return (np.minimum(lo, p - width)[:, None] + np.arange(width)).astype(np.int32)
+
+
+def attention_keys(full: np.ndarray, window: np.ndarray, cfg: QwenVisionConfig, video: bool):
+    """(full-attention keys, window-attention keys) of `key_rows`. Window layers read a band of
+    WINDOW_QUERY_BLOCK + 2 windows (a bound: the same W for every batch of a patch bucket); full
+    layers read every row (one segment per image: no narrower band) unless the batch holds a
+    video, whose frame pairs are segments of their own, then the widest range of this batch."""
+    side = cfg.window_size // cfg.patch_size
+    window_keys = key_rows(window, WINDOW_QUERY_BLOCK + 2 * side * side, WINDOW_QUERY_BLOCK, WINDOW_KEY_BUCKET)
+    full_keys = key_rows(full, None if video else len(full), QUERY_BLOCK, KEY_BUCKET)
+    return full_keys, window_keys
 
 
 def layout(grids, cfg: QwenVisionConfig, padded: int) -> VisionLayout:
     """Indices of a batch of images (grid_thw [i, 3], patches in the processor's order)."""
     unit = cfg.merge_unit
     perm, pos, full, window, merged = [], [], [], [], []
-    patches = units = windows = 0
-    for i, g in enumerate(grids):
+    patches = units = windows = frames = 0
+    for g in grids:
         order, win = window_index(g, cfg)
-        n = int(np.prod(g))
+        n, t = int(np.prod(g)), int(g[0])
         rows = (order[:, None] * unit + np.arange(unit)).reshape(-1)
         perm.append(rows + patches)
         pos.append(rotary_positions(g, cfg.spatial_merge_size)[rows])
-        full.append(np.full(n, i))
+        full.append(np.repeat(order // (n // unit // t) + frames, unit))  # full attention within a frame pair
         _, win = np.unique(win, return_inverse=True)
         window.append(np.repeat(win + windows, unit))
         merged.append(np.argsort(order) + units)
-        patches, units, windows = patches + n, units + n // unit, windows + int(win.max()) + 1
+        patches, units, windows, frames = patches + n, units + n // unit, windows + int(win.max()) + 1, frames + t
     pad = padded - patches
     cat = lambda parts, fill: np.concatenate(parts + [fill]).astype(np.int32)  # noqa: E731
+    alone = _PAD_SEGMENT - np.arange(pad)  # each padding row its own segment: attends to itself, never read back
+    full, window = cat(full, alone), cat(window, alone)
+    full_keys, window_keys = attention_keys(full, window, cfg, video=any(int(g[0]) > 1 for g in grids))
     return VisionLayout(
         perm=cat(perm, np.arange(patches, padded)),
         pos=cat(pos, np.zeros((pad, 2), int)),
-        full_segment=cat(full, np.full(pad, _PAD_SEGMENT)),
-        window_segment=cat(window, np.full(pad, _PAD_SEGMENT)),
+        full_segment=full,
+        window_segment=window,
         merged_row=cat(merged, np.zeros(0, int)),
+        full_keys=full_keys,
+        window_keys=window_keys,
     )
 
 
@@ -122,14 +167,21 @@ class VisionBlock(nnx.Module):
                          hidden_act=cfg.hidden_act)
         self.mlp = MLP(mlp, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: Float[Array, "p d"], cos, sin, mask) -> Float[Array, "p d"]:
+    def __call__(self, x: Float[Array, "p d"], cos, sin, segment: Int[Array, "p"],
+                 keys: Int[Array, "blocks w"], block: int) -> Float[Array, "p d"]:
+        """`segment`: which rows may attend to each other (this block's full or window segments);
+        queries go in blocks of `block`, block j against the key rows `keys[j]`."""
         p, d = x.shape
         qkv = dense(self.norm1(x), self.qkv[...], "pd,de->pe") + self.qkv_bias[...]
         q, k, v = jnp.moveaxis(qkv.reshape(p, 3, self.num_heads, -1), 1, 0)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        q, k, v, mask = q[None], k[None], v[None], mask[None]
-        out = jnp.concatenate([attend(q[:, i:i + QUERY_BLOCK], k, v, mask[:, i:i + QUERY_BLOCK])
-                               for i in range(0, p, QUERY_BLOCK)], axis=1)[0].reshape(p, d)
+        out = []
+        for j, i in enumerate(range(0, p, block)):
+            rows = keys[j]
+            mask = segment[i:i + block, None] == jnp.take(segment, rows)[None, :]
+            out.append(attend(q[None, i:i + block], jnp.take(k, rows, axis=0)[None],
+                              jnp.take(v, rows, axis=0)[None], mask[None]))
+        out = jnp.concatenate(out, axis=1)[0].reshape(p, d)
         x = x + dense(out, self.proj[...], "pd,de->pe") + self.proj_bias[...]
         return x + self.mlp(self.norm2(x)[None])[0]
 
@@ -146,7 +198,8 @@ class VisionTower(nnx.Module):
         self.merge2, self.merge2_bias = param(rngs, (c, out), dtype), param(None, (out,), dtype)
 
     def __call__(self, pixels: Float[Array, "p e"], perm: Int[Array, "p"], pos: Int[Array, "p 2"],
-                 full_segment: Int[Array, "p"], window_segment: Int[Array, "p"]) -> Float[Array, "u o"]:
+                 full_segment: Int[Array, "p"], window_segment: Int[Array, "p"],
+                 full_keys: Int[Array, "blocks w"], window_keys: Int[Array, "blocks v"]) -> Float[Array, "u o"]:
         """Merged visual tokens [P/4, out] in window order (the host maps them back)."""
         cfg = self.cfg
         w = self.patch[...]
@@ -157,14 +210,13 @@ class VisionTower(nnx.Module):
         angles = (pos.astype(jnp.float32)[..., None] * inv_freq).reshape(pos.shape[0], -1)  # [p, hd]: h then w
         angles = jnp.concatenate([angles, angles], -1)
         cos, sin = jnp.cos(angles), jnp.sin(angles)
-        full = full_segment[:, None] == full_segment[None, :]
-        window = window_segment[:, None] == window_segment[None, :]
         flags = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
-
-        def body(block, h, is_full):
-            return block(h, cos, sin, jnp.where(is_full, full, window)), None
-
-        x, _ = scan_layers(self.blocks, 0, cfg.depth, body, x, flags)
+        edges = [0, *np.flatnonzero(np.diff(flags)) + 1, cfg.depth]
+        for lo, hi in zip(edges[:-1], edges[1:]):  # runs of window layers and of full layers
+            segment, keys, rows = (full_segment, full_keys, QUERY_BLOCK) if flags[lo] else \
+                (window_segment, window_keys, WINDOW_QUERY_BLOCK)
+            x, _ = scan_layers(self.blocks, int(lo), int(hi),
+                               lambda block, h, _, s=segment, k=keys, r=rows: (block(h, cos, sin, s, k, r), None), x)
         h = self.merge_norm(x).reshape(-1, cfg.merge_unit * cfg.hidden_size)
         h = jax.nn.gelu(dense(h, self.merge1[...], "uc,ce->ue") + self.merge1_bias[...], approximate=False)
         return dense(h, self.merge2[...], "uc,co->uo") + self.merge2_bias[...]

@@ -1,0 +1,355 @@
+"""Video on Qwen2.5-VL: logits, positions and greedy generation vs transformers for video inputs
+(alone, mixed with an image, a batch of two videos of different lengths), the video processor
+against transformers' image processor, pruning across frames vs the float64 PyTorch reference,
+frame reading and sampling, and the CLI end to end on an mp4 (tiny random Qwen2.5-VL built in the
+test, tests/hf_tiny.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+import torch  # noqa: E402  (test dependency: the parity reference)
+import transformers  # noqa: E402
+
+from hf_tiny import (QWEN_EOS, QWEN_IMAGE, QWEN_PAD, QWEN_VEND, QWEN_VIDEO, QWEN_VSTART,  # noqa: E402
+                     build_tiny_qwen2_5_vl)
+from torch_reference import qwen_pruned_forward  # noqa: E402
+
+import ep_jax  # noqa: E402
+from ep_jax import checkpoint  # noqa: E402
+from ep_jax.core.budget import PruneConfig  # noqa: E402
+from ep_jax.errors import ProcessingError  # noqa: E402
+from ep_jax.video import read_video, sample_indices  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DIM = 3 * 2 * 14 * 14
+VIDEO_GRIDS = [(3, 6, 8), (2, 4, 4)]  # (t, h, w) patches: 36 and 8 merged tokens
+SECONDS = [2 / 3, 1.5]  # second_per_grid_ts: temporal position steps of 1.33 and 3 (tokens_per_second 2)
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+    d, tm = build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen_video"))
+    return d, tm, checkpoint.load(d)
+
+
+def _pixels(grids, seed):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(int(sum(np.prod(g) for g in grids)), DIM)).astype(np.float32)
+
+
+def _block(token, n):
+    return [QWEN_VSTART] + [token] * n + [QWEN_VEND]
+
+
+def _batch(rows):
+    """Left-padded ids and mask, and mm_token_type_ids."""
+    length = max(map(len, rows))
+    ids, mask = np.zeros((len(rows), length), np.int64), np.zeros((len(rows), length), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):], mask[i, length - len(r):] = r, 1
+    types = np.where(ids == QWEN_IMAGE, 1, np.where(ids == QWEN_VIDEO, 2, 0)).astype(np.int64)
+    return ids, mask, types
+
+
+def _tokens(grid):
+    return int(np.prod(grid)) // 4
+
+
+def _torch(**arrays):
+    return {k: torch.tensor(np.asarray(v)) for k, v in arrays.items() if v is not None}
+
+
+def _case(kind):
+    """input_ids, attention_mask, mm_token_type_ids and the visual arrays of one test case."""
+    if kind == "video":  # one video, one row
+        grids, pv = VIDEO_GRIDS[:1], _pixels(VIDEO_GRIDS[:1], 0)
+        rows = [[20, 21] + _block(QWEN_VIDEO, _tokens(grids[0])) + [22, 23, 24]]
+        return rows, dict(pixel_values_videos=pv, video_grid_thw=np.array(grids), second_per_grid_ts=SECONDS[:1])
+    if kind == "mixed":  # an image, then a video, in one prompt
+        img, grids = [(1, 4, 6)], VIDEO_GRIDS[:1]
+        rows = [[20] + _block(QWEN_IMAGE, _tokens(img[0])) + [21] + _block(QWEN_VIDEO, _tokens(grids[0])) + [22, 23]]
+        return rows, dict(pixel_values=_pixels(img, 1), image_grid_thw=np.array(img), pixel_values_videos=_pixels(
+            grids, 2), video_grid_thw=np.array(grids), second_per_grid_ts=SECONDS[:1])
+    if kind == "image":
+        img = [(1, 16, 24)]
+        rows = [[20] + _block(QWEN_IMAGE, _tokens(img[0])) + [21, 22]]
+        return rows, dict(pixel_values=_pixels(img, 4), image_grid_thw=np.array(img))
+    # two videos of different lengths (frames x grid), one per row
+    rows = [[20, 21] + _block(QWEN_VIDEO, _tokens(g)) + [22, 23 + i] for i, g in enumerate(VIDEO_GRIDS)]
+    return rows, dict(pixel_values_videos=_pixels(VIDEO_GRIDS, 3), video_grid_thw=np.array(VIDEO_GRIDS),
+                      second_per_grid_ts=SECONDS)
+
+
+@pytest.mark.parametrize("kind", ["video", "mixed", "two_videos"])
+def test_logits_and_positions_match_transformers(kind, qwen):
+    _, tm, model = qwen
+    rows, vis = _case(kind)
+    ids, mask, types = _batch(rows)
+    with torch.no_grad():
+        t = _torch(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, **vis)
+        ref = tm(**t).logits.numpy()
+        want, _ = tm.model.get_rope_index(t["input_ids"], t["mm_token_type_ids"], t.get("image_grid_thw"),
+                                          t["video_grid_thw"], t["second_per_grid_ts"],
+                                          attention_mask=t["attention_mask"])
+    pixels = vis.pop("pixel_values", None)
+    inputs, spans = model.family.inputs(model.config, ids, pixels, mask, mm_token_type_ids=types, **vis)
+    valid = mask.astype(bool)
+    np.testing.assert_array_equal(inputs["mrope_positions"][:, valid], want.numpy()[:, valid])
+    got = ep_jax.forward(model, ids, pixels, mask, mm_token_type_ids=types, **vis).logits
+    np.testing.assert_allclose(got[valid], ref[valid], atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(spans.counts(), (types > 0).sum(1))
+
+
+@pytest.mark.parametrize("kind", ["two_videos", "mixed", "image"])
+def test_banded_vision_attention_matches_transformers(kind, qwen, monkeypatch):
+    """Small query blocks and key buckets: each block of queries reads only the frame pairs (full
+    attention, batches with a video) or windows (window attention) it touches, W < P rows, and
+    the logits still equal transformers'."""
+    from ep_jax.families.qwen2_5_vl import vision
+
+    monkeypatch.setattr(vision, "QUERY_BLOCK", 128)
+    monkeypatch.setattr(vision, "KEY_BUCKET", 64)
+    monkeypatch.setattr(vision, "WINDOW_QUERY_BLOCK", 64)
+    monkeypatch.setattr(vision, "WINDOW_KEY_BUCKET", 32)
+    _, tm, model = qwen
+    rows, vis = _case(kind)
+    ids, mask, types = _batch(rows)
+    pixels = vis.pop("pixel_values", None)
+    inputs, _ = model.family.inputs(model.config, ids, pixels, mask, **vis)
+    assert len(inputs["pixel_values"]) == 1024
+    assert inputs["vision_window_keys"].shape == (16, 96)  # 64 queries + 2 windows of 16 patches, in 32s
+    assert inputs["vision_full_keys"].shape == (8, {"two_videos": 192, "mixed": 192, "image": 1024}[kind])
+    with torch.no_grad():
+        ref = tm(**_torch(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, pixel_values=pixels,
+                          **vis)).logits.numpy()
+    got = ep_jax.forward(model, ids, pixels, mask, **vis).logits
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(got[valid], ref[valid], atol=1e-4, rtol=0)
+
+
+def _frames(n, h, w, seed=0, pairs=False):
+    """uint8 [n, h, w, 3] frames: a photo with a square moving across it (in identical pairs)."""
+    from conftest import photo
+
+    base = np.asarray(PIL.Image.fromarray(photo("astronaut")).resize((w, h)))
+    out = []
+    for i in range(n):
+        f = base.copy()
+        k = i // 2 if pairs else i
+        x = (k * 7 + seed * 5) % max(1, w - 12)
+        f[h // 3: h // 3 + 12, x: x + 12] = (255, 40 * (k % 6), 0)
+        out.append(f)
+    return np.stack(out)
+
+
+def test_greedy_generation_matches_transformers(qwen):
+    _, tm, model = qwen
+    videos = [_frames(8, 56, 84), _frames(4, 84, 56, seed=1)]  # different lengths and grids
+    prompts = ["What happens in the video?", "Describe it."]
+    got = ep_jax.generate(model, None, prompts, max_new_tokens=16, prune=None, return_ids=True, videos=videos)[1]
+    enc = model.processor.encode(prompts, None, videos=videos, bucket_sizes=None)
+    assert enc["video_grid_thw"].tolist() == [[4, 4, 6], [2, 6, 4]]
+    t = _torch(input_ids=enc["input_ids"].astype(np.int64), attention_mask=enc["attention_mask"].astype(np.int64),
+               pixel_values_videos=np.asarray(enc["pixel_values_videos"]), video_grid_thw=enc["video_grid_thw"],
+               second_per_grid_ts=enc["second_per_grid_ts"], mm_token_type_ids=enc["mm_token_type_ids"])
+    with torch.no_grad():
+        ref = tm.generate(**t, max_new_tokens=16, do_sample=False, eos_token_id=QWEN_EOS,
+                          pad_token_id=QWEN_PAD)[:, enc["input_ids"].shape[1]:].tolist()
+    ref = [r[: r.index(QWEN_EOS) + 1] if QWEN_EOS in r else r for r in ref]
+    assert [list(map(int, g)) for g in got] == ref
+    assert sum(map(len, ref)) > 16  # not an immediate end of sequence
+
+
+def test_processor_puts_an_image_and_a_video_in_one_prompt(qwen):
+    """The processor's arrays for a prompt with an image and a video (the image's vision block
+    first, as the chat template puts the content in order) give transformers' logits."""
+    _, tm, model = qwen
+    image = PIL.Image.fromarray(_frames(1, 84, 112)[0])
+    enc = model.processor.encode(["What changes?"], [[image]], videos=[_frames(4, 56, 84)], bucket_sizes=None)
+    ids = enc["input_ids"][0]
+    first_video, last_image = np.flatnonzero(ids == QWEN_VIDEO)[0], np.flatnonzero(ids == QWEN_IMAGE)[-1]
+    assert last_image < first_video and enc["image_grid_thw"].tolist() == [[1, 6, 8]]
+    with torch.no_grad():
+        ref = tm(**_torch(input_ids=enc["input_ids"].astype(np.int64), attention_mask=enc["attention_mask"],
+                          pixel_values=np.asarray(enc["pixel_values"]), image_grid_thw=enc["image_grid_thw"],
+                          pixel_values_videos=np.asarray(enc["pixel_values_videos"]),
+                          video_grid_thw=enc["video_grid_thw"], second_per_grid_ts=enc["second_per_grid_ts"],
+                          mm_token_type_ids=enc["mm_token_type_ids"])).logits.numpy()
+    enc.pop("lengths")
+    got = ep_jax.forward(model, **enc).logits
+    np.testing.assert_allclose(got[0], ref[0], atol=1e-4, rtol=0)
+
+
+def test_video_processor_equals_the_image_processor_on_frame_pairs(qwen):
+    """Frames in identical pairs, all resized to one size: each temporal patch is exactly the
+    patches transformers' Qwen2VLImageProcessorPil gives for that frame (it repeats an image over
+    the 2 temporal slots)."""
+    from ep_jax.families.qwen2_5_vl.video_processing import QwenVideoProcessor
+
+    _, _, model = qwen
+    lo, hi = 56 * 56, 28 * 28 * 30
+    frames = _frames(6, 90, 150, pairs=True)  # 150x90 resizes to 140x84 (needs resizing)
+    ours = QwenVideoProcessor(min_pixels=lo, resize_max_pixels=hi).video_patches(frames, fps=2.0)
+    theirs = transformers.Qwen2VLImageProcessorPil(min_pixels=lo, max_pixels=hi)(
+        [PIL.Image.fromarray(f) for f in frames[::2]], return_tensors="np")
+    np.testing.assert_array_equal(ours.pixels, theirs["pixel_values"])
+    assert ours.grid == (3, *theirs["image_grid_thw"][0, 1:]) == (3, 6, 10)
+    assert ours.second_per_grid_t == 1.0  # 2 frames per patch at the sampled 2 fps
+    assert ours.num_tokens == 3 * 6 * 10 // 4
+    assert (QwenVideoProcessor().min_pixels, QwenVideoProcessor().resize_max_pixels) == (128 * 28 * 28, 768 * 28 * 28)
+    # the processor: <|video_pad|> expands to grid.prod() // 4, token types 2 there; an array's
+    # frames are taken `fps` apart, so at fps 1 each temporal patch spans 2 s
+    enc = model.processor.encode(["What moves?"], None, videos=[frames], fps=1.0, bucket_sizes=None)
+    ids, types = enc["input_ids"][0], enc["mm_token_type_ids"][0]
+    n = int(np.prod(enc["video_grid_thw"][0])) // 4
+    assert (ids == QWEN_VIDEO).sum() == n and ((types == 2) == (ids == QWEN_VIDEO)).all() and n > 0
+    np.testing.assert_allclose(enc["second_per_grid_ts"], [2.0])
+    assert enc["video_grid_thw"][0, 0] == 3
+
+
+def test_pruned_positions_and_logits_match_the_float64_reference(qwen):
+    """K = 1, one top-R over an image's and a video's tokens together: the kept indices, their
+    three position rows and the logits equal transformers' model pruned in float64."""
+    _, tm, model = qwen
+    rows, vis = _case("mixed")
+    ids, mask, types = _batch(rows)
+    n = int((types > 0).sum())
+    keep = 10
+    ref_logits, ref_kept, ref_pos = qwen_pruned_forward(tm, torch.tensor(ids), torch.tensor(types), 1, keep,
+                                                        **_torch(**vis))
+    pixels = vis.pop("pixel_values")
+    out = ep_jax.forward(model, ids, pixels, mask, prune=PruneConfig(layer=1, keep=keep), **vis)
+    inputs, _ = model.family.inputs(model.config, ids, pixels, mask, **vis)
+    rows_ = out.positions[0][out.row_valid[0]]
+    np.testing.assert_array_equal(rows_, ref_kept.numpy())
+    np.testing.assert_array_equal(inputs["mrope_positions"][:, 0, rows_], ref_pos.numpy())
+    assert len(rows_) == ids.shape[1] - n + keep
+    assert (types[0, rows_] == 2).any() and (types[0, rows_] == 1).sum() < 6  # kept tokens from both
+    np.testing.assert_allclose(out.logits[0][out.row_valid[0]], ref_logits[0].numpy(), atol=1e-4, rtol=0)
+
+
+
+def test_other_methods_prune_across_frames(qwen):
+    """FastV, pooling and random pruning also keep each example's own R over all its frames."""
+    _, _, model = qwen
+    rows, vis = _case("two_videos")
+    ids, mask, types = _batch(rows)
+    for method in ("fastv", "pool", "random"):
+        out = ep_jax.forward(model, ids, None, mask, prune=PruneConfig(method=method, layer=2, keep_ratio=0.5), **vis)
+        assert np.isfinite(out.logits[out.row_valid]).all()
+        kept = [(out.kept_mask[i] & (types[i] == 2)).sum() for i in range(2)]
+        np.testing.assert_array_equal(kept, out.keep)
+        assert (out.keep < (types == 2).sum(1)).all()
+
+
+# ---------------------------------------------------------------------- reading and sampling
+def write_mp4(path, frames, fps=4):
+    import av
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=fps)
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        s.codec_context.options = {"qscale": "1"}
+        for f in frames:
+            for packet in s.encode(__import__("av").VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    return path
+
+
+def test_frame_sampling_is_transformers_rule_and_deterministic(tmp_path):
+    # transformers' sample_frames with fps: total / source_fps * fps frames, clamped to
+    # [min_frames, min(max_frames, total)], rounded down to even, spread uniformly
+    np.testing.assert_array_equal(sample_indices(12, 4.0, fps=2.0), [0, 2, 4, 6, 8, 10])
+    np.testing.assert_array_equal(sample_indices(30, 30.0, fps=2.0), [0, 7, 15, 22])  # 2 frames -> min_frames 4
+    np.testing.assert_array_equal(sample_indices(9, 1.0, fps=2.0), [0, 1, 2, 3, 4, 5, 6, 7])  # at most total, even
+    assert len(sample_indices(1000, 10.0, fps=2.0, max_frames=16)) == 16
+    with pytest.raises(ProcessingError, match="at least 2"):
+        sample_indices(1, 4.0)
+    frames = _frames(12, 48, 64)
+    path = write_mp4(tmp_path / "clip.mp4", frames)
+    a, b = read_video(path), read_video(str(path))
+    np.testing.assert_array_equal(a.frames, b.frames)
+    np.testing.assert_array_equal(a.indices, [0, 2, 4, 6, 8, 10])
+    np.testing.assert_allclose(a.timestamps, a.indices / 4.0)
+    assert a.frames.shape == (6, 48, 64, 3) and a.sampled_fps == 2.0 and a.total_frames == 12
+    error = np.abs(a.frames[:, None].astype(int) - frames[None].astype(int)).mean((2, 3, 4))
+    np.testing.assert_array_equal(error.argmin(1), a.indices)  # each decoded frame is its source frame (lossy codec)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, f in enumerate(frames):
+        PIL.Image.fromarray(f).save(folder / f"{i:03d}.png")
+    c, d = read_video(folder, fps=2.0, source_fps=4.0), read_video(frames, fps=2.0, source_fps=4.0)
+    np.testing.assert_array_equal(c.frames, frames[::2])
+    np.testing.assert_array_equal(d.frames, frames[::2])
+
+
+def _bad_video(case, tmp_path):
+    import av
+
+    if case == "truncated":
+        good = write_mp4(tmp_path / "good.mp4", _frames(12, 48, 64)).read_bytes()
+        path = tmp_path / "truncated.mp4"
+        path.write_bytes(good[: len(good) // 2])
+    elif case == "zero_frames":
+        path = tmp_path / "empty.mp4"
+        with av.open(str(path), "w") as c:
+            s = c.add_stream("mpeg4", rate=4)
+            s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+            c.start_encoding()
+    else:
+        path = tmp_path / "notes.mp4"
+        path.write_text("these are my notes, not a video\n")
+    return path
+
+
+@pytest.mark.parametrize("case,message", [("truncated", "truncated"), ("zero_frames", "no video frames"),
+                                          ("not_video", "not a video file")])
+def test_bad_video_files_are_one_clear_error(case, message, tmp_path):
+    with pytest.raises(ProcessingError, match=message):
+        read_video(_bad_video(case, tmp_path))
+
+
+# ---------------------------------------------------------------------- CLI
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "ep_jax.generate", *map(str, args)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+
+
+def test_cli_answers_about_an_mp4_with_pruning_report_and_explain(qwen, tmp_path):
+    d, _, model = qwen
+    path = write_mp4(tmp_path / "clip.mp4", _frames(16, 56, 84))
+    args = ("--model", d, "--video", path, "--prompt", "What moves?", "--max-new-tokens", "6")
+    r = cli(*args, "--prune", "entropy", "--prune-layer", "1", "--keep-ratio", "0.25", "--json",
+            "--explain", tmp_path / "strip.png")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    pairs = out["prune"]["video_kept_per_frame_pair"][0][0]
+    assert len(pairs["kept"]) == 4 and pairs["tokens"] == 6  # 8 frames sampled at 2 fps: 4 pairs of 4x6 patches
+    assert sum(pairs["kept"]) == out["prune"]["keep"] < 24
+    assert out["timings"]["video_read_ms"] > 0
+    cfg = PruneConfig(layer=1, keep_ratio=0.25)
+    api = ep_jax.generate(model, None, ["What moves?"], max_new_tokens=6, prune=cfg, videos=[path], return_ids=True)
+    assert out["token_ids"] == api[1]
+    strip = np.asarray(PIL.Image.open(tmp_path / "strip.png").convert("RGB")).reshape(-1, 3).astype(int)
+    assert ((strip[:, 0] > 200) & (strip[:, 1] > 200) & (strip[:, 2] < 80)).sum() > 50  # kept outlines drawn
+    plain = cli(*args, "--prune", "entropy", "--prune-layer", "1", "--keep-ratio", "0.25")
+    assert plain.returncode == 0 and "video 0: kept per frame pair" in plain.stderr, plain.stderr
+
+
+@pytest.mark.parametrize("case", ["truncated", "zero_frames", "not_video"])
+def test_cli_bad_video_is_one_clear_line(case, qwen, tmp_path):
+    d, _, _ = qwen
+    r = cli("--model", d, "--video", _bad_video(case, tmp_path), "--prompt", "hi")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
