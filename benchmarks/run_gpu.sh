@@ -27,3 +27,29 @@ KIND=$("$PY" -c "import jax, re; print(re.sub('[^a-z0-9]+', '-', jax.devices()[0
 # 3. Compile time from abstract parameters at two depths.
 "$PY" -m ep_jax.bench compile --config 7b --layers 8,32 --dtype bfloat16 --out "$OUT" --name "gpu-$KIND-compile-7b"
 echo "wrote $OUT/gpu-$KIND-7b.{json,md,png}, $OUT/gpu-$KIND-7b-batch8.*, $OUT/gpu-$KIND-compile-7b.*"
+
+# 4. Several devices and the attention dispatch (issue 17; written without a GPU at hand: unrun so far).
+#    cuDNN attention against the einsum path (bfloat16, padded prompt + a decode step), then the
+#    7b speed table on a mesh of every visible GPU (tensor parallel) and data parallel at batch 32.
+"$PY" - <<'PYEOF'
+import jax, numpy as np, jax.numpy as jnp
+from ep_jax.nn import attention
+from ep_jax.nn.layers import attend_causal
+rng = np.random.default_rng(0)
+q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in ((4, 1024, 32, 128), (4, 1024, 8, 128), (4, 1024, 8, 128)))
+valid = np.ones((4, 1024), bool); valid[1, :300] = False
+rows = np.arange(1024); mask = (rows[None, None] <= rows[None, :, None]) & valid[:, None]
+want = np.asarray(attend_causal(q, k, v, mask), np.float32)
+assert attention.choose(q, k, causal=True) == "cudnn", attention.choose(q, k, causal=True)
+got = np.asarray(jax.jit(lambda *a: attention.attention(*a, causal=True))(q, k, v, mask), np.float32)
+err = float(np.abs(got[valid] - want[valid]).max())
+print(f"cudnn vs einsum attention, bfloat16: max abs diff {err:.2e}")
+assert err < 3e-2, err
+PYEOF
+N=$("$PY" -c "import jax; print(jax.device_count())")
+if [ "$N" -gt 1 ]; then
+    "$PY" -m ep_jax.bench speed --config 7b --dtype bfloat16 --batch 8 --budgets none,64 --methods entropy \
+        --decode none --no-profile --mesh "model=$N" --out "$OUT" --name "gpu-$KIND-7b-model$N"
+    "$PY" -m ep_jax.bench speed --config 7b --dtype bfloat16 --batch 32 --budgets none,64 --methods entropy \
+        --decode none --no-profile --mesh "data=$N" --out "$OUT" --name "gpu-$KIND-7b-data$N"
+fi

@@ -4,6 +4,7 @@
                                                           # checkpoint or a Hugging Face directory
     ep_jax.generate(model, [image], ["What is this?"])    # the preset's template and pruning
     out = ep_jax.forward(model, input_ids, pixel_values, prune=ep_jax.PruneConfig(avg_keep=64))
+    model = ep_jax.load(path, mesh="data=2,model=4")      # several devices (runtime/sharding.py)
 
 Where pruning happens: `ep_jax/runtime/prefill.py` (`prune_stage`, called by `prefill` between
 the two layer segments), with the scorers in `ep_jax/core/scorers.py`, the selection in
@@ -30,6 +31,8 @@ _EXPORTS = {
     "forward": "runtime.api", "generate": "runtime.api", "run_generation": "runtime.api",
     "ForwardOutput": "runtime.api", "Generation": "runtime.api", "default_prune": "runtime.api",
     "compile_stats": "runtime.engine",
+    "make_mesh": "runtime.sharding", "shard_model": "runtime.sharding",
+    "initialize_distributed": "runtime.sharding",
     "PruneConfig": "core.budget", "budget": "core.budget", "resolve_keep": "core.budget",
     "VisualSpans": "core.spans",
     "EpJaxError": "errors", "InputError": "errors", "BudgetError": "errors", "CheckpointError": "errors",

@@ -28,6 +28,8 @@ from typing import Any
 from ep_jax.cli import run_cli
 from ep_jax.errors import InputError
 from ep_jax.files import atomic_path, check_output_dir, write_text
+from ep_jax.runtime.sharding import add_mesh_argument, mesh_from_flag, parse_mesh
+from ep_jax.runtime.sharding import describe as describe_mesh
 
 METHODS = ("entropy", "fastv", "random", "pool")
 DEFAULT_MIN_LAYERS = 3  # K = 2 needs L >= 3
@@ -78,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-profile", action="store_true", help="skip the component profile")
     s.add_argument("--vs-hf", action="store_true", help="also time transformers' PyTorch LLaVA, same weights")
     s.add_argument("--seed", type=int, default=0)
+    add_mesh_argument(s)
     s.add_argument("--out", default="bench_out", help="directory for bench.json / bench.md / bench.png")
     s.add_argument("--name", default="bench", help="file stem of the outputs (default: bench)")
 
@@ -178,6 +181,8 @@ def _speed(args, command: str) -> int:
     if args.runs < 1 or args.warmup < 0 or args.batch < 1 or args.max_new_tokens < 2:
         raise InputError("need --runs >= 1, --warmup >= 0, --batch >= 1, --max-new-tokens >= 2")
     with_unpruned, values = bench_setup.parse_budgets(args.budgets)
+    if args.mesh is not None:
+        parse_mesh(args.mesh)  # a bad flag is refused before anything is built
     cfg = bench_setup.get_config(args.config)
     budgets = bench_setup.resolve_budgets(values, cfg, args.layer)
     dtype = args.dtype or bench_setup.default_dtype()
@@ -194,7 +199,7 @@ def _speed_run(args, command: str, cfg, budgets, methods, with_unpruned, dtype, 
     from ep_jax import bench_report, bench_setup, bench_speed
 
     t0 = time.perf_counter()
-    model = bench_setup.random_model(cfg, dtype, args.seed, layout=args.layout)
+    model = bench_setup.random_model(cfg, dtype, args.seed, layout=args.layout, mesh=mesh_from_flag(args.mesh))
     jax.block_until_ready(model.state)
     init_s = time.perf_counter() - t0
     processor = bench_setup.build_processor(cfg)
@@ -206,6 +211,7 @@ def _speed_run(args, command: str, cfg, budgets, methods, with_unpruned, dtype, 
         "config": args.config,
         "dtype": dtype,
         "layout": model.layout,
+        "mesh": describe_mesh(model.mesh),
         "machine": bench_setup.machine_info(),
         "model": bench_setup.describe(cfg),
         "init_s": init_s,

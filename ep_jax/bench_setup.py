@@ -229,10 +229,11 @@ def default_dtype() -> str:
 
 
 # ------------------------------------------------------------------------------- model
-def random_model(cfg: LlavaConfig, dtype: str, seed: int = 0, layout: str = "auto", family=LLAVA):
+def random_model(cfg: LlavaConfig, dtype: str, seed: int = 0, layout: str = "auto", family=LLAVA, mesh=None):
     """A `checkpoint.Model` with random weights, initialised like `init_model` (normal(0, 0.02),
     norm scales 1, biases 0) but leaf by leaf (numpy on CPU, where `jax.random` is ~10x slower;
-    on the device elsewhere), so a 7B model never needs two copies in memory."""
+    on the device elsewhere), so a 7B model never needs two copies in memory. With a `mesh`
+    each leaf is placed on its shards as soon as it is made (`runtime.sharding`)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -257,5 +258,18 @@ def random_model(cfg: LlavaConfig, dtype: str, seed: int = 0, layout: str = "aut
         key, sub = jax.random.split(key)
         return (0.02 * jax.random.normal(sub, leaf.shape, jnp.float32)).astype(jdtype)
 
-    params = jax.tree_util.tree_map_with_path(fill, abstract)
-    return from_params(family, cfg, params, jdtype, layout=layout)
+    def place(path, leaf):
+        value = fill(path, leaf)
+        return value if mesh is None else jax.device_put(value, _sharding(path, value, mesh))
+
+    params = jax.tree_util.tree_map_with_path(place, abstract)
+    return from_params(family, cfg, params, jdtype, layout=layout, mesh=mesh)
+
+
+def _sharding(path, value, mesh):
+    from jax.sharding import NamedSharding
+
+    from ep_jax.runtime.sharding import param_spec
+
+    keys = tuple(getattr(k, "key", k) for k in path)
+    return NamedSharding(mesh, param_spec(keys, value.shape, mesh))

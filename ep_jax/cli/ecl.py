@@ -16,6 +16,7 @@ from ep_jax.analysis.ecl_report import format_table, plot_profile
 from ep_jax.cli import run_cli
 from ep_jax.errors import InputError
 from ep_jax.files import check_output_dir, write_text
+from ep_jax.runtime.sharding import add_mesh_argument, mesh_from_flag, parse_mesh
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", choices=SOURCES, default="query", help="token-wise score source (default query)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="parameter dtype (default: as saved)")
     p.add_argument("--template", default=None, help="chat template (default: the model preset's, vicuna_v1)")
+    add_mesh_argument(p)
     return p
 
 
@@ -57,6 +59,8 @@ def _run(args) -> int:
         raise InputError(f"--max-layer {args.max_layer}: use an int >= 1")
     if not 0 <= args.min_drop < 1:
         raise InputError(f"--min-drop {args.min_drop}: use a fraction in [0, 1)")
+    if args.mesh is not None:
+        parse_mesh(args.mesh)  # a bad flag is refused before anything loads
     check_output_dir(args.out, "--out")
     images = [load_image(Path(f)) for f in args.image]  # unreadable files fail before the model loads
     model_path = args.model
@@ -64,7 +68,7 @@ def _run(args) -> int:
         model_path = presets.default_model_path()
         print(f"using the shipped model {model_path} (pass --model for another)", file=sys.stderr)
     model_path = Path(model_path)
-    model = load(model_path, dtype=args.dtype)
+    model = load(model_path, dtype=args.dtype, mesh=mesh_from_flag(args.mesh))
     template = args.template or getattr(model.preset, "template", None) or model.family.default_template
 
     profile = profile_images(model, images, args.prompt, template=template, batch_size=args.batch_size,

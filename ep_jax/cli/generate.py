@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=["auto", "stacked", "per_layer"], default="auto",
                    help="decoder weights in memory: stacked (lax.scan, fast compile) or per_layer (unrolled, "
                         "faster CPU decode for large layers); auto picks per backend and size")
+    p.add_argument("--mesh", default=None, metavar="data=D,model=M",
+                   help="run on several devices: D-way data parallel x M-way tensor parallel (D x M = all devices; "
+                        "several hosts: see README 'Several devices')")
     p.add_argument("--template", default=None, help="chat template (default: the model preset's)")
     p.add_argument("--raw-prompt", action="store_true",
                    help="use the prompt as is (it must contain the image / video tokens)")
@@ -76,6 +79,10 @@ def check_args(args) -> None:
 
     check_prompts(args.prompt)
     check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    if args.mesh is not None:
+        from ep_jax.runtime.sharding import parse_mesh
+
+        parse_mesh(args.mesh)
     examples = num_examples(args)
     if args.stream and examples > 1:
         raise InputError("--stream prints one answer as it is generated: give a single --image or --video")
@@ -156,6 +163,7 @@ def _run(args) -> int:
     t_start = time.perf_counter()
     check_args(args)
     from ep_jax import checkpoint, presets
+    from ep_jax.runtime.sharding import mesh_from_flag
     from ep_jax.image_files import load_image
     from ep_jax.runtime.api import run_generation
 
@@ -169,7 +177,7 @@ def _run(args) -> int:
         model_path = presets.default_model_path()
         print(f"using the shipped model {model_path} (pass --model for another)", file=sys.stderr)
     t_load = time.perf_counter()
-    model = checkpoint.load(model_path, dtype=args.dtype, layout=args.layout)
+    model = checkpoint.load(model_path, dtype=args.dtype, layout=args.layout, mesh=mesh_from_flag(args.mesh))
     load_s = time.perf_counter() - t_load
     prune = prune_config(args, model.preset, model.family)
     if args.explain and prune is None:

@@ -212,6 +212,7 @@ def _run(args) -> int:
     from tqdm import tqdm
 
     from ep_jax import checkpoint, presets
+    from ep_jax.runtime.sharding import mesh_from_flag
     from ep_jax.cli.generate import describe_budget, prune_config
     from ep_jax.runtime.api import run_generation
 
@@ -219,7 +220,7 @@ def _run(args) -> int:
     if model_path is None:
         model_path = presets.default_model_path()
         print(f"using the shipped model {model_path} (pass --model for another)", file=sys.stderr)
-    model = checkpoint.load(model_path, dtype=args.dtype, layout=args.layout)
+    model = checkpoint.load(model_path, dtype=args.dtype, layout=args.layout, mesh=mesh_from_flag(args.mesh))
     prune = prune_config(args, model.preset, model.family)
     model_id = args.model_id or Path(os.path.abspath(model_path)).name
     settings = {

@@ -18,7 +18,9 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from ep_jax.config import TextConfig
-from ep_jax.nn.layers import RMSNorm, activation, attend, attend_causal, dense, param
+from ep_jax.nn.attention import attention
+from ep_jax.nn.layers import RMSNorm, activation, dense, param
+from ep_jax.nn.partition import constrain
 
 
 def rope(x: Float[Array, "b t n h"], positions: Int[Array, "b t"], cfg: TextConfig) -> Float[Array, "b t n h"]:
@@ -120,9 +122,9 @@ class DecoderLayer(nnx.Module):
     ) -> tuple[Array, Array, Array, Projections]:
         """Queries and keys with RoPE applied, values, and the raw projections."""
         proj = self.attn.project(self.input_norm(x))
-        q = rope(proj.query, positions, self.cfg)
-        k = rope(proj.key, positions, self.cfg)
-        return q, k, proj.value, proj
+        q = constrain(rope(proj.query, positions, self.cfg), "batch", None, "heads", None)
+        k = constrain(rope(proj.key, positions, self.cfg), "batch", None, "kv_heads", None)
+        return q, k, constrain(proj.value, "batch", None, "kv_heads", None), proj
 
     def finish(
         self,
@@ -135,8 +137,7 @@ class DecoderLayer(nnx.Module):
     ) -> Float[Array, "b t d"]:
         """Attention over the given keys (fresh ones in prefill, the cache in decode) + MLP.
         `causal`: the keys are the queries' own tokens and `mask` is causal in array order."""
-        attention = attend_causal if causal else attend
-        x = x + self.attn.output(attention(q, keys, values, mask))
+        x = x + self.attn.output(attention(q, keys, values, mask, causal=causal))
         return x + self.mlp(self.post_norm(x))
 
     def __call__(

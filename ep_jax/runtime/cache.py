@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from ep_jax.nn.partition import constrain
+
 
 # A segment's keys or values: one [l, b, c, k, h] array (stacked layer weights) or a tuple of
 # l [b, c, k, h] arrays (per-layer weights, `Llava(layout="per_layer")`), so that each layer's
@@ -31,6 +33,12 @@ def write_entry(entries: Entries, layer, new: Float[Array, "b 1 k h"], index) ->
 
 def _entries_map(fn, entries: Entries) -> Entries:
     return tuple(fn(e, 1) for e in entries) if isinstance(entries, tuple) else fn(entries, 2)
+
+
+def shard_entries(entries: Entries) -> Entries:
+    """Keys or values constrained to the mesh (no-op without one): examples over `data`, kv
+    heads over `model` (replicated where the kv heads do not divide the `model` axis)."""
+    return _entries_map(lambda e, _: constrain(e, "batch", None, "kv_heads", None), entries)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +62,7 @@ class SegmentCache:
             pad[axis] = (0, capacity - a.shape[axis])
             return jnp.pad(a, pad)
 
-        keys, values = _entries_map(fill, keys), _entries_map(fill, values)
+        keys, values = shard_entries(_entries_map(fill, keys)), shard_entries(_entries_map(fill, values))
         return cls(
             keys=keys,
             values=values,

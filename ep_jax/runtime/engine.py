@@ -2,12 +2,18 @@
 and input shapes, kept on the model, and counted; and JAX's persistent compilation cache, on by
 default, so a second process reuses the first one's compiled code.
 
+A model placed on a device mesh (`Model.mesh`) is compiled under that mesh (`jax.set_mesh`), so
+the graph's sharding constraints (`nn.partition.constrain`) apply and XLA partitions it; inputs
+given as host arrays are placed as the compiled program expects. The key also holds the mesh
+and the attention implementation (`nn.attention.implementation`).
+
 Persistent cache directory: $EP_JAX_COMPILATION_CACHE if set (a path; "0", "off" or "" turns
 the cache off), else `$XDG_CACHE_HOME/ep_jax/jax` or `~/.cache/ep_jax/jax`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -17,6 +23,8 @@ from typing import Callable
 
 import jax
 import numpy as np
+
+from ep_jax.nn.attention import implementation as attention_implementation
 
 _PERSISTENT = {"dir": None, "checked": False}
 
@@ -59,13 +67,15 @@ def _signature(args) -> tuple:
 def compiled(model, fn: Callable, static: dict, args: tuple, donate: tuple[int, ...] = ()):
     """`fn(model.graphdef, *args, **static)` compiled ahead of time for these static settings
     and argument shapes, once per model."""
-    key = (fn.__name__, tuple(sorted(static.items())), _signature(args))
+    mesh = getattr(model, "mesh", None)
+    key = (fn.__name__, tuple(sorted(static.items())), _signature(args), mesh, attention_implementation())
     hit = model.compiled.get(key)
     if hit is None:
         enable_persistent_cache()
         t0 = time.perf_counter()
         jitted = jax.jit(functools.partial(fn, model.graphdef, **static), donate_argnums=donate)
-        hit = jitted.lower(*args).compile()
+        with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            hit = jitted.lower(*args).compile()
         model.compiled[key] = hit
         stats = model.compiled.setdefault("_stats", {"compiles": 0, "compile_s": 0.0})
         stats["compiles"] += 1

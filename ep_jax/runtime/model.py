@@ -13,6 +13,11 @@ Layouts (how the decoder weights sit in memory; checkpoints always store them st
              decodes ~2x faster per_layer, `benchmarks/decode_layout.py`; small layers such as
              the shipped model's 0.8 MiB ones gain nothing and only compile slower), else
              stacked (GPU/TPU: the copy is an XLA:CPU behaviour; not measured on a GPU).
+             On a device mesh (`mesh=`), auto is stacked: the per-layer gain is measured on one
+             CPU device only.
+
+A model placed on a mesh (`runtime.sharding`) keeps it in `Model.mesh`; its parameters are
+sharded arrays and the engine compiles its programs under that mesh.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class Model:
     path: Path | None = None
     preset: Any = None
     _processor: Any = None
+    mesh: Any = None  # a jax.sharding.Mesh when the parameters are sharded (runtime.sharding)
     compiled: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -84,10 +90,12 @@ def dtype_of(name: str | None, default):
         raise InputError(f"dtype {name!r} is not supported; choose one of {sorted(DTYPES)}") from None
 
 
-def resolve_layout(layout: str, family, cfg, dtype) -> str:
+def resolve_layout(layout: str, family, cfg, dtype, mesh=None) -> str:
     """"auto" -> the layout that suits this backend and model (see the module docstring)."""
     if layout not in LAYOUTS:
         raise InputError(f"layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    if layout == "auto" and mesh is not None:
+        return "stacked"
     if layout == "auto":
         big = family.decoder_layer_bytes(cfg, dtype) >= PER_LAYER_MIN_BYTES
         return "per_layer" if big and jax.default_backend() == "cpu" else "stacked"
@@ -106,23 +114,29 @@ def init_model(family, cfg, dtype=jnp.float32, seed: int = 0) -> Model:
     return Model(family, cfg, graphdef, state)
 
 
-def from_params(family, cfg, params: dict, dtype, path: Path | None = None, layout: str = "auto") -> Model:
+def from_params(family, cfg, params: dict, dtype, path: Path | None = None, layout: str = "auto",
+                mesh=None) -> Model:
     """A Model from checkpoint-layout parameters (decoder weights stacked); `params` is consumed
-    when the layout is per_layer."""
-    layout = resolve_layout(layout, family, cfg, dtype)
+    when the layout is per_layer. With a `mesh`, each parameter is placed on it by the rules of
+    `runtime.sharding` (already sharded arrays, as a sharded restore gives, stay where they are)."""
+    layout = resolve_layout(layout, family, cfg, dtype, mesh)
     if layout == "per_layer":
         params = {**params, "layers": _unstack(params["layers"], cfg.text.num_layers)}
     graphdef, state = abstract_model(family, cfg, dtype, layout)
+    if mesh is not None:
+        from ep_jax.runtime.sharding import shard_params
+
+        params = shard_params(params, mesh)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    return Model(family, cfg, graphdef, state, path=path)
+    return Model(family, cfg, graphdef, state, path=path, mesh=mesh)
 
 
 def with_layout(model: Model, layout: str) -> Model:
     """The same weights in another layout (a new Model; the stacked arrays are split or joined)."""
-    layout = resolve_layout(layout, model.family, model.config, model.dtype)
+    layout = resolve_layout(layout, model.family, model.config, model.dtype, model.mesh)
     if layout == model.layout:
         return model
-    moved = from_params(model.family, model.config, model.params(), model.dtype, model.path, layout)
+    moved = from_params(model.family, model.config, model.params(), model.dtype, model.path, layout, model.mesh)
     return dataclasses.replace(model, graphdef=moved.graphdef, state=moved.state, compiled={})
 
 

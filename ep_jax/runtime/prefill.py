@@ -27,7 +27,8 @@ from ep_jax.core.scorers import SCORERS, ScoreInputs
 from ep_jax.core.select import gather_rows, select_kept, take_tokens
 from ep_jax.core.spans import VisualSpans
 from ep_jax.nn.layers import scan_layers
-from ep_jax.runtime.cache import KVCache, SegmentCache, write_entry
+from ep_jax.nn.partition import active_mesh_shape, constrain
+from ep_jax.runtime.cache import KVCache, SegmentCache, shard_entries, write_entry
 
 # observe(layer_index, hidden_in, projections, hidden_out, context) -> a pytree stacked over layers
 Observer = Callable[[Any, Array, Any, Array, "LayerContext"], Any]
@@ -103,7 +104,7 @@ def run_segment(model, lo: int, hi: int, x, positions, mask, *, causal: bool = T
 
     def body(layer, h, i):
         q, k, v, proj = layer.qkv(h, positions)
-        out = layer.finish(h, q, k, v, mask, causal=causal)
+        out = constrain(layer.finish(h, q, k, v, mask, causal=causal), "batch", None, None)
         seen = None if observe is None else observe(i, h, proj, out, context)
         if room:
             k, v = jnp.pad(k, pad), jnp.pad(v, pad)
@@ -126,6 +127,7 @@ def prefill(model, inputs: dict[str, Any], spans: VisualSpans | None, stage: Pru
     `prune_inputs`: {"keep": [b] each example's R, "pool": [b, n] host pool scores or None}.
     """
     x, positions = model.embed_inputs(inputs)
+    x = constrain(x, "batch", None, None)  # on a mesh: examples over `data` from here on
     valid = inputs["attention_mask"].astype(bool)
     b, s = valid.shape
     num_layers = model.num_layers
@@ -148,7 +150,7 @@ def prefill(model, inputs: dict[str, Any], spans: VisualSpans | None, stage: Pru
             # Verification oracle: full length, dropped tokens hidden from every later query.
             row_valid = valid & kept_mask
         else:
-            x = gather_rows(x, kept)
+            x = constrain(gather_rows(x, kept), "batch", None, None)
             positions = take_tokens(positions, kept)  # original positions: gaps
             rows, row_valid = kept, kept_valid
         context = LayerContext(model, None, row_valid)
@@ -172,20 +174,66 @@ def prune_stage(model, x, proj, positions, valid, spans: VisualSpans, stage: Pru
     sequence indices in original order [b, kept_len], which of them are real, and the scores
     [b, n]. Static shapes: a masked top-k, no host round trip.
     """
-    scores = score_visual(model, x, proj, positions, valid, spans, stage, prune_inputs)
+    # On a mesh each example is scored and selected on the devices that hold it: the scores and
+    # the kept indices stay split by example; no sequence moves between `data` shards.
+    scores = constrain(score_visual(model, x, proj, positions, valid, spans, stage, prune_inputs), "batch", None)
     kept, kept_valid = select_kept(scores, spans.positions, spans.valid, valid, prune_inputs["keep"], stage.kept_len)
-    return kept, kept_valid, scores
+    return constrain(kept, "batch", None), kept_valid, scores
 
 
 def score_visual(model, x, proj, positions, valid, spans: VisualSpans, stage: PruneStage,
                  prune_inputs: dict[str, Any]) -> Float[Array, "b n"]:
     """The method's scores `[b, n]` of the visual slots from layer K-1's tensors."""
+    # Each example is scored whole (all its heads) on one device, the examples spread over every
+    # device, so the eigenvalue solves split over the mesh instead of each `model` device
+    # repeating the whole batch.
+    proj = jax.tree.map(lambda a: constrain(a, "examples", None, None, None), proj)
     inputs = ScoreInputs(
         query=proj.query, key=proj.key, value=proj.value, hidden=model.norm(x), positions=positions,
         attention_mask=valid, visual_positions=spans.positions, visual_valid=spans.valid,
         rope=model.rope, pool=prune_inputs.get("pool"),
     )
-    return SCORERS[stage.config.method](inputs, stage.config, stage.keep)
+    scorer = functools.partial(SCORERS[stage.config.method], cfg=stage.config, keep=stage.keep)
+    chunk = _cpu_mesh_chunk(x.shape[0], spans.positions.shape[1])
+    if chunk is None or stage.config.method != "entropy":
+        return scorer(inputs)
+    return _score_in_chunks(scorer, inputs, chunk)
+
+
+# XLA:CPU on a mesh: LAPACK's batched eigenvalue solver splits a large batch over the thread pool
+# that the devices' programs themselves run on; with every device inside it at once (they arrive
+# together after a collective) the pool deadlocks. Solving at most this many matrices per call,
+# one call after another, keeps each solve on its own thread. GPUs and TPUs are unaffected.
+CPU_MESH_SOLVES = 32
+
+
+def _cpu_mesh_chunk(batch: int, slots: int) -> int | None:
+    """Visual slots scored per call on a CPU mesh (None: all at once)."""
+    mesh = active_mesh_shape()
+    if not mesh or jax.default_backend() != "cpu":
+        return None
+    devices = int(np.prod(list(mesh.values())))
+    data = mesh.get("data", 1)
+    per_device = batch // devices if batch % devices == 0 else batch // data if batch % data == 0 else batch
+    chunk = max(1, CPU_MESH_SOLVES // max(per_device, 1))
+    return None if chunk >= slots else chunk
+
+
+def _score_in_chunks(scorer, inputs: ScoreInputs, chunk: int) -> Float[Array, "b n"]:
+    """A per-token scorer over the visual slots `chunk` at a time, in sequence (`lax.map`)."""
+    b, n = inputs.visual_positions.shape
+    pad = -n % chunk
+
+    def split(a):  # [b, n] -> [n / chunk, b, chunk]
+        a = jnp.pad(a, ((0, 0), (0, pad)))
+        return jnp.moveaxis(a.reshape(b, -1, chunk), 1, 0)
+
+    def one(part):
+        where, real = part
+        return scorer(dataclasses.replace(inputs, visual_positions=where, visual_valid=real))
+
+    scores = jax.lax.map(one, (split(inputs.visual_positions), split(inputs.visual_valid)))
+    return jnp.moveaxis(scores, 0, 1).reshape(b, -1)[:, :n]
 
 
 def last_rows(res: PrefillResult) -> Int[Array, "b"]:
@@ -208,7 +256,8 @@ def decode(model, tokens: Int[Array, "b"], cache: KVCache) -> tuple[Float[Array,
         def body(layer, carry, i, idx=idx, key_mask=key_mask):
             h, keys, values = carry
             q, k, v, _ = layer.qkv(h, positions)
-            keys, values = write_entry(keys, i, k, idx), write_entry(values, i, v, idx)
+            keys = shard_entries(write_entry(keys, i, k, idx))
+            values = shard_entries(write_entry(values, i, v, idx))
             h = layer.finish(h, q, keys[i], values[i], key_mask[:, None, :])
             return (h, keys, values), None
 
