@@ -51,6 +51,23 @@ CONFIG = Qwen25VLConfig(
     eos_token_id=2, bos_token_id=None)
 
 
+# Qwen2.5-VL-7B-Instruct's shapes (config.json on the hub): for the analytic share of its vision tower
+QWEN_7B = Qwen25VLConfig(vision=QwenVisionConfig(), text=TextConfig(
+    vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
+    head_dim=128, attention_bias=True, o_bias=False, mrope_section=(16, 24, 24)))
+
+
+def qwen_7b_lines(grids, seq: int, n: int, rows: list[dict]) -> list[str]:
+    """What the same input costs Qwen2.5-VL-7B itself, by FLOPs: the vision tower's share of the
+    prefill and the whole-prefill ratio at each measured R (same L = 28 and K, so the same R)."""
+    vision = sum(flops.window_vision_flops(QWEN_7B.vision, g) for g in grids)
+    decoder = flops.prefill_flops(QWEN_7B.text, seq)
+    pruned = {r["setting"]: vision + flops.prefill_flops(QWEN_7B.text, seq, n, LAYER, r["R"]) for r in rows if r["R"] != n}
+    ratios = ", ".join(f"{name} {(vision + decoder) / f:.2f}x" for name, f in pruned.items())
+    return [f"Qwen2.5-VL-7B itself on this input, by FLOPs (`core.flops`): vision tower "
+            f"{100 * vision / (vision + decoder):.1f} % of the prefill; whole-prefill ratio {ratios}."]
+
+
 def build_tokenizer() -> Tokenizer:
     """A word-level tokenizer over the chat template and prompt, with Qwen's special tokens at the
     ids CONFIG names (one token per word, about what Qwen's BPE gives for plain English)."""
@@ -95,15 +112,14 @@ def main(argv=None) -> int:
     text = CONFIG.text
     rows = side_by_side.summary_rows(
         runs, lambda keep: flops.prefill_flops(text, seq) / flops.prefill_flops(text, seq, n, LAYER, keep))
-    base_ms = 1e3 * statistics.median(runs["unpruned"]["s"])
     vision_ms = 1e3 * statistics.median(vision_s)
     patches = int(np.prod(enc["image_grid_thw"][0]))
     lines = [f"Qwen2.5-VL-7B-like shape (decoder 28 x 1024, vision 32 x 320), {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} photo: "
              f"{patches} patches, N = {n} visual tokens, prompt {seq} tokens, K = {LAYER}, float32, "
              f"median of {args.runs}.", "", *side_by_side.markdown_table(rows), "",
-             f"Vision tower + merger alone: {vision_ms:.0f} ms = {100 * vision_ms / base_ms:.1f} % of the unpruned "
-             "prefill; pruning cannot shorten it (R = the budget of layers after K = 1: keep_ratio r gives "
-             "R = floor(N (28 r - 1) / 27))."]
+             *side_by_side.decoder_table(rows, vision_ms), "",
+             *qwen_7b_lines(enc["image_grid_thw"], seq, n, rows), "",
+             "R is the budget of the layers after K = 1: keep_ratio r gives R = floor(N (28 r - 1) / 27)."]
     side_by_side.write_outputs(
         args.out, "Qwen2.5-VL prefill, pruned vs unpruned",
         f"python benchmarks/qwen_prefill.py --runs {args.runs} --out {args.out}", "\n".join(lines),

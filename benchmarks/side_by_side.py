@@ -95,6 +95,17 @@ def markdown_table(rows: list[dict]) -> list[str]:
                     for r in rows]
 
 
+def decoder_table(rows: list[dict], vision_ms: float) -> list[str]:
+    """The prefill less the vision tower (timed alone in the same rounds): the part pruning acts on."""
+    base = rows[0]["prefill_ms"] - vision_ms
+    lines = [f"Vision tower + merger alone: {vision_ms:.0f} ms = {100 * vision_ms / rows[0]['prefill_ms']:.1f} % of "
+             "the unpruned prefill (pruning cannot shorten it). The decoder's part, prefill less the vision tower:", "",
+             "| setting | decoder ms (prefill - vision) | decoder speedup | analytic FLOPs speedup (decoder) |",
+             "|---|---:|---:|---:|"]
+    return lines + [f"| {r['setting']} | {r['prefill_ms'] - vision_ms:.0f} | {base / (r['prefill_ms'] - vision_ms):.2f}x | "
+                    f"{r['analytic_flops_speedup']:.2f}x |" for r in rows]
+
+
 def write_outputs(out: str | None, title: str, command: str, text: str, data: dict) -> None:
     """Print the table; with `out`, write OUT.json (data) and OUT.md (title, the command, the
     device, the table)."""

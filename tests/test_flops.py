@@ -103,3 +103,17 @@ def test_prune_report():
     assert "\n" not in line
     for fragment in ("K=2", "A=127.9", "(asked 128)", "R=98/576", "162/640", "-70.5%"):
         assert fragment in line
+
+
+def test_window_vision_flops_hand_computation():
+    from types import SimpleNamespace
+
+    from ep_jax.core.flops import window_vision_flops
+
+    v = SimpleNamespace(hidden_size=4, intermediate_size=6, depth=2, fullatt_block_indexes=(1,), window_size=112,
+                        patch_size=14, spatial_merge_size=2, out_hidden_size=5, patch_dim=3 * 2 * 14 * 14)
+    # 64 patches: embed 2*64*1176*4, blocks 2*(8*64*16 + 6*64*4*6), attention 4*64*4*(64 + 64),
+    # merger 2*16*16*(16 + 5)
+    assert window_vision_flops(v, (1, 8, 8)) == 602112 + 34816 + 131072 + 10752
+    # a video: t frame pairs cost t times one (window and full attention both stay within a pair)
+    assert window_vision_flops(v, (3, 8, 8)) == 3 * window_vision_flops(v, (1, 8, 8))

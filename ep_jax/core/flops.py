@@ -76,6 +76,23 @@ def vision_flops(cfg: LlavaConfig, num_images: int = 1) -> int:
     return num_images * (patch_embed + cfg.vision_layers_used * per_layer + projector)
 
 
+def window_vision_flops(vision_cfg: Any, grid_thw) -> int:
+    """FLOPs of a Qwen2.5-VL-style vision tower (`QwenVisionConfig`) on one image or video of
+    `grid_thw` patches: the patch embedding, per block `8PD² + 6PDM` (q/k/v/o, gated MLP) plus
+    `4PkD` attention with k = one full window of patches (window blocks, an upper bound at the
+    edges) or one frame pair's patches (the `fullatt_block_indexes` blocks), and the 2x2 merger.
+    Not in the reference's formula; used to state how much of a prefill pruning cannot touch."""
+    v = vision_cfg
+    t, h, w = (int(x) for x in grid_thw)
+    p, d, m = t * h * w, v.hidden_size, v.intermediate_size
+    window = min((v.window_size // v.patch_size) ** 2, h * w)
+    full = len(v.fullatt_block_indexes)
+    attention = 4 * p * d * ((v.depth - full) * window + full * h * w)
+    unit = v.spatial_merge_size ** 2 * d
+    merger = 2 * (p // v.spatial_merge_size ** 2) * unit * (unit + v.out_hidden_size)
+    return 2 * p * v.patch_dim * d + v.depth * (8 * p * d * d + 6 * p * d * m) + attention + merger
+
+
 def flops_reduction(
     text_cfg: TextConfig, seq_len: int, num_visual: int, layer: int, keep: int
 ) -> float:
