@@ -175,12 +175,15 @@ class VisionBlock(nnx.Module):
         qkv = dense(self.norm1(x), self.qkv[...], "pd,de->pe") + self.qkv_bias[...]
         q, k, v = jnp.moveaxis(qkv.reshape(p, 3, self.num_heads, -1), 1, 0)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        width = keys.shape[1]
         out = []
         for j, i in enumerate(range(0, p, block)):
-            rows = keys[j]
-            mask = segment[i:i + block, None] == jnp.take(segment, rows)[None, :]
-            out.append(attend(q[None, i:i + block], jnp.take(k, rows, axis=0)[None],
-                              jnp.take(v, rows, axis=0)[None], mask[None]))
+            # each block's keys are a contiguous band of rows (`key_rows`): a slice, not a gather;
+            # a band of every row is the whole array
+            band = (lambda a: a) if width == p else \
+                (lambda a, j=j: jax.lax.dynamic_slice_in_dim(a, keys[j, 0], width, axis=0))
+            mask = segment[i:i + block, None] == band(segment)[None, :]
+            out.append(attend(q[None, i:i + block], band(k)[None], band(v)[None], mask[None]))
         out = jnp.concatenate(out, axis=1)[0].reshape(p, d)
         x = x + dense(out, self.proj[...], "pd,de->pe") + self.proj_bias[...]
         return x + self.mlp(self.norm2(x)[None])[0]
