@@ -182,8 +182,8 @@ def model_inputs(cfg: Qwen25VLConfig, input_ids, pixel_values=None, attention_ma
         lay = _vision.layout(batch_grids, cfg.vision, padded)
         inputs["pixel_values"] = np.concatenate([pv, np.zeros((padded - len(pv), pv.shape[1]), pv.dtype)]).astype(dtype)
         inputs.update(vision_perm=lay.perm, vision_pos=lay.pos, vision_full_segment=lay.full_segment,
-                      vision_window_segment=lay.window_segment, vision_full_keys=lay.full_keys,
-                      vision_window_keys=lay.window_keys)
+                      vision_full_keys=lay.full_keys, vision_window_rows=lay.window_rows,
+                      vision_window_slot=lay.window_slot)
         index = np.zeros(ids.shape, np.int32)
         index[is_visual] = lay.merged_row  # row-major: the batch's visual tokens in sequence order
         inputs["feature_index"] = index

@@ -36,8 +36,8 @@ class Qwen25VL(Llava):
 
     def image_features(self, inputs: dict) -> Float[Array, "u d"]:
         return self.vision(inputs["pixel_values"], inputs["vision_perm"], inputs["vision_pos"],
-                           inputs["vision_full_segment"], inputs["vision_window_segment"], inputs["vision_full_keys"],
-                           inputs["vision_window_keys"])
+                           inputs["vision_full_segment"], inputs["vision_full_keys"], inputs["vision_window_rows"],
+                           inputs["vision_window_slot"])
 
     def embed_inputs(self, inputs: dict) -> tuple[Float[Array, "b s d"], Int[Array, "3 b s"]]:
         ids = inputs["input_ids"]

@@ -7,18 +7,20 @@
 The host (`layout`) computes, for a batch of images and videos of any sizes, every index the
 graph needs: the window permutation of the patches, their (h, w) rotary positions, the segment ids
 of full attention (one per image, and one per temporal patch of a video: transformers'
-`cu_seqlens`) and of window attention (one per window), where each merged token lands (the
-inverse of the window order), and the key rows each block of queries reads (`key_rows`: in window
-layers a band of the block's rows and 2 windows around them; in full layers all P rows, or for a
-batch with a video only the frame pairs the block touches; the mask is built per block from the
-segment ids, never [P, P]). P is padded to a bucket: each padding patch attends to itself only
-and is never read back. The host and the graph read the block sizes (QUERY_BLOCK,
-WINDOW_QUERY_BLOCK) from this module at the same time: change them before preparing inputs.
+`cu_seqlens`), where each merged token lands (the inverse of the window order), the key rows
+each block of queries reads in the full-attention layers (`key_rows`: all P rows, or for a batch
+with a video only the frame pairs the block touches; the mask is built per block from the
+segment ids, never [P, P]), and the windows as a batch of equal windows (`dense_windows`: each
+window's rows, at most 64 for Qwen2.5-VL, so window attention costs 64 keys a query). P is
+padded to a bucket: padding patches never reach a real one and are never read back. The host
+and the graph read QUERY_BLOCK from this module at the same time: change it before preparing
+inputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +39,6 @@ PATCH_BUCKET = 1024  # patches of a batch are padded to a multiple of this: 4 x 
 _PAD_SEGMENT = -1
 QUERY_BLOCK = 1024  # full attention runs queries in blocks of this many: scores [heads, block, W] at a time
 KEY_BUCKET = 1024  # a video batch's key band W is rounded up to a multiple of this (`key_rows`)
-WINDOW_QUERY_BLOCK = 256  # window attention: blocks of 256 queries against a band of 256 + 2 windows of keys
-WINDOW_KEY_BUCKET = 128  # (Qwen2.5-VL's 64-patch windows: 384 keys; 1/13 of the rows of a 1,280-token image)
 
 
 def patch_bucket(p: int, bucket: int | None = None) -> int:
@@ -79,10 +79,10 @@ class VisionLayout:
     perm: np.ndarray  # int32 [P]: patch read at each window-ordered row
     pos: np.ndarray  # int32 [P, 2]: (h, w) rotary positions, window order
     full_segment: np.ndarray  # int32 [P]: image (video: temporal patch) of each row (< 0: padding)
-    window_segment: np.ndarray  # int32 [P]: window of each row (< 0: padding)
     merged_row: np.ndarray  # int32 [tokens]: merged row of each visual token in image order
     full_keys: np.ndarray  # int32 [P / QUERY_BLOCK, W]: the rows each block of queries attends over (full layers)
-    window_keys: np.ndarray  # int32 [P / WINDOW_QUERY_BLOCK, W']: the same for the window-attention layers
+    window_rows: np.ndarray  # int32 [windows, S]: the rows of each window, S = its most patches (-1: empty)
+    window_slot: np.ndarray  # int32 [P]: where each row sits in window_rows, flattened
 
 
 def key_rows(segment: np.ndarray, width: int | None, block: int, bucket: int) -> np.ndarray:
@@ -104,15 +104,27 @@ def key_rows(segment: np.ndarray, width: int | None, block: int, bucket: int) ->
     return (np.minimum(lo, p - width)[:, None] + np.arange(width)).astype(np.int32)
 
 
-def attention_keys(full: np.ndarray, window: np.ndarray, cfg: QwenVisionConfig, video: bool):
-    """(full-attention keys, window-attention keys) of `key_rows`. Window layers read a band of
-    WINDOW_QUERY_BLOCK + 2 windows (a bound: the same W for every batch of a patch bucket); full
-    layers read every row (one segment per image: no narrower band) unless the batch holds a
-    video, whose frame pairs are segments of their own, then the widest range of this batch."""
-    side = cfg.window_size // cfg.patch_size
-    window_keys = key_rows(window, WINDOW_QUERY_BLOCK + 2 * side * side, WINDOW_QUERY_BLOCK, WINDOW_KEY_BUCKET)
-    full_keys = key_rows(full, None if video else len(full), QUERY_BLOCK, KEY_BUCKET)
-    return full_keys, window_keys
+def dense_windows(window: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Window attention as a batch of equal windows: (int32 [windows, size] the rows of each
+    window, -1 for an empty slot; int32 [P] the flat slot of each row). Windows are runs of
+    equal ids in window order, at most `size` rows each (smaller at an image's edges); padding
+    rows (ids < 0), never read back, go `size` at a time. The number of windows is static per P
+    bucket: P / size x 5/4 (50 random photo sizes need at most 1.25), more only for an unusual
+    batch (e.g. very thin images: many small windows)."""
+    p = len(window)
+    pad = window < 0
+    key = np.where(pad, -1 - (np.cumsum(pad) - 1) // size, window)
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    lengths = np.diff(np.r_[starts, p])
+    assert lengths.max() <= size, (lengths.max(), size)
+    count = -(-(p // size) * 5 // 4)
+    if len(starts) > count:
+        count = -(-len(starts) // 16) * 16
+    owner = np.repeat(np.arange(len(starts)), lengths)
+    offset = np.arange(p) - starts[owner]
+    rows = np.full((count, size), -1, np.int32)
+    rows[owner, offset] = np.arange(p)
+    return rows, (owner * size + offset).astype(np.int32)
 
 
 def layout(grids, cfg: QwenVisionConfig, padded: int) -> VisionLayout:
@@ -135,15 +147,19 @@ def layout(grids, cfg: QwenVisionConfig, padded: int) -> VisionLayout:
     cat = lambda parts, fill: np.concatenate(parts + [fill]).astype(np.int32)  # noqa: E731
     alone = _PAD_SEGMENT - np.arange(pad)  # each padding row its own segment: attends to itself, never read back
     full, window = cat(full, alone), cat(window, alone)
-    full_keys, window_keys = attention_keys(full, window, cfg, video=any(int(g[0]) > 1 for g in grids))
+    video = any(int(g[0]) > 1 for g in grids)
+    # full layers read every row (one segment per image: no narrower band), or for a batch with a
+    # video, whose frame pairs are segments of their own, the widest range a query block touches
+    full_keys = key_rows(full, None if video else len(full), QUERY_BLOCK, KEY_BUCKET)
+    window_rows, window_slot = dense_windows(window, (cfg.window_size // cfg.patch_size) ** 2)
     return VisionLayout(
         perm=cat(perm, np.arange(patches, padded)),
         pos=cat(pos, np.zeros((pad, 2), int)),
         full_segment=full,
-        window_segment=window,
         merged_row=cat(merged, np.zeros(0, int)),
         full_keys=full_keys,
-        window_keys=window_keys,
+        window_rows=window_rows,
+        window_slot=window_slot,
     )
 
 
@@ -167,26 +183,38 @@ class VisionBlock(nnx.Module):
                          hidden_act=cfg.hidden_act)
         self.mlp = MLP(mlp, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: Float[Array, "p d"], cos, sin, segment: Int[Array, "p"],
-                 keys: Int[Array, "blocks w"], block: int) -> Float[Array, "p d"]:
-        """`segment`: which rows may attend to each other (this block's full or window segments);
-        queries go in blocks of `block`, block j against the key rows `keys[j]`."""
+    def __call__(self, x: Float[Array, "p d"], cos, sin, attention) -> Float[Array, "p d"]:
+        """`attention(q, k, v) -> out`, each [p, heads, head_dim]: `full_attention` or `window_attention`."""
         p, d = x.shape
         qkv = dense(self.norm1(x), self.qkv[...], "pd,de->pe") + self.qkv_bias[...]
         q, k, v = jnp.moveaxis(qkv.reshape(p, 3, self.num_heads, -1), 1, 0)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        width = keys.shape[1]
-        out = []
-        for j, i in enumerate(range(0, p, block)):
-            # each block's keys are a contiguous band of rows (`key_rows`): a slice, not a gather;
-            # a band of every row is the whole array
-            band = (lambda a: a) if width == p else \
-                (lambda a, j=j: jax.lax.dynamic_slice_in_dim(a, keys[j, 0], width, axis=0))
-            mask = segment[i:i + block, None] == band(segment)[None, :]
-            out.append(attend(q[None, i:i + block], band(k)[None], band(v)[None], mask[None]))
-        out = jnp.concatenate(out, axis=1)[0].reshape(p, d)
+        out = attention(q, k, v).reshape(p, d)
         x = x + dense(out, self.proj[...], "pd,de->pe") + self.proj_bias[...]
         return x + self.mlp(self.norm2(x)[None])[0]
+
+
+def full_attention(q, k, v, segment: Int[Array, "p"], keys: Int[Array, "blocks w"]):
+    """Attention within segments (an image, a video's frame pair): queries in blocks of
+    QUERY_BLOCK, block j against its band of key rows `keys[j]` (contiguous: `key_rows`), read as
+    a slice; a band of every row is the array itself."""
+    p, width = q.shape[0], keys.shape[1]
+    out = []
+    for j, i in enumerate(range(0, p, QUERY_BLOCK)):
+        band = (lambda a: a) if width == p else \
+            (lambda a, j=j: jax.lax.dynamic_slice_in_dim(a, keys[j, 0], width, axis=0))
+        mask = segment[i:i + QUERY_BLOCK, None] == band(segment)[None, :]
+        out.append(attend(q[None, i:i + QUERY_BLOCK], band(k)[None], band(v)[None], mask[None]))
+    return jnp.concatenate(out, axis=1)[0]
+
+
+def window_attention(q, k, v, rows: Int[Array, "w s"], slot: Int[Array, "p"]):
+    """Attention within each window, as one batch of equal windows (`dense_windows`): q, k, v
+    gathered into [windows, S, ...], empty slots masked out, the result read back by `slot`."""
+    valid = rows >= 0
+    take = lambda a: jnp.take(a, jnp.maximum(rows, 0), axis=0)  # noqa: E731
+    out = attend(take(q), take(k), take(v), valid[:, :, None] & valid[:, None, :])
+    return jnp.take(out.reshape(-1, *out.shape[2:]), slot, axis=0)
 
 
 class VisionTower(nnx.Module):
@@ -201,8 +229,8 @@ class VisionTower(nnx.Module):
         self.merge2, self.merge2_bias = param(rngs, (c, out), dtype), param(None, (out,), dtype)
 
     def __call__(self, pixels: Float[Array, "p e"], perm: Int[Array, "p"], pos: Int[Array, "p 2"],
-                 full_segment: Int[Array, "p"], window_segment: Int[Array, "p"],
-                 full_keys: Int[Array, "blocks w"], window_keys: Int[Array, "blocks v"]) -> Float[Array, "u o"]:
+                 full_segment: Int[Array, "p"], full_keys: Int[Array, "blocks w"],
+                 window_rows: Int[Array, "w s"], window_slot: Int[Array, "p"]) -> Float[Array, "u o"]:
         """Merged visual tokens [P/4, out] in window order (the host maps them back)."""
         cfg = self.cfg
         w = self.patch[...]
@@ -215,11 +243,12 @@ class VisionTower(nnx.Module):
         cos, sin = jnp.cos(angles), jnp.sin(angles)
         flags = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
         edges = [0, *np.flatnonzero(np.diff(flags)) + 1, cfg.depth]
+        full = functools.partial(full_attention, segment=full_segment, keys=full_keys)
+        window = functools.partial(window_attention, rows=window_rows, slot=window_slot)
         for lo, hi in zip(edges[:-1], edges[1:]):  # runs of window layers and of full layers
-            segment, keys, rows = (full_segment, full_keys, QUERY_BLOCK) if flags[lo] else \
-                (window_segment, window_keys, WINDOW_QUERY_BLOCK)
+            attention = full if flags[lo] else window
             x, _ = scan_layers(self.blocks, int(lo), int(hi),
-                               lambda block, h, _, s=segment, k=keys, r=rows: (block(h, cos, sin, s, k, r), None), x)
+                               lambda block, h, _, a=attention: (block(h, cos, sin, a), None), x)
         h = self.merge_norm(x).reshape(-1, cfg.merge_unit * cfg.hidden_size)
         h = jax.nn.gelu(dense(h, self.merge1[...], "uc,ce->ue") + self.merge1_bias[...], approximate=False)
         return dense(h, self.merge2[...], "uc,co->uo") + self.merge2_bias[...]
