@@ -28,7 +28,7 @@ KIND=$("$PY" -c "import jax, re; print(re.sub('[^a-z0-9]+', '-', jax.devices()[0
 "$PY" -m ep_jax.bench compile --config 7b --layers 8,32 --dtype bfloat16 --out "$OUT" --name "gpu-$KIND-compile-7b"
 echo "wrote $OUT/gpu-$KIND-7b.{json,md,png}, $OUT/gpu-$KIND-7b-batch8.*, $OUT/gpu-$KIND-compile-7b.*"
 
-# 4. Several devices and the attention dispatch (issue 17; written without a GPU at hand: unrun so far).
+# 4. Several devices and the attention dispatch (not yet run on a GPU).
 #    cuDNN attention against the einsum path (bfloat16, padded prompt + a decode step), then the
 #    7b speed table on a mesh of every visible GPU (tensor parallel) and data parallel at batch 32.
 "$PY" - <<'PYEOF'

@@ -1,4 +1,4 @@
-"""Several devices: sharded weights, KV cache and pruning on a JAX mesh (issue 17).
+"""Several devices: sharded weights, KV cache and pruning on a JAX mesh.
 
 The mesh checks need 8 devices, which on CPU means XLA_FLAGS=--xla_force_host_platform_device_count=8
 before jax is imported, while the rest of the suite runs on one device in this process: they run
