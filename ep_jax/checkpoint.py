@@ -30,7 +30,7 @@ from ep_jax import hf
 from ep_jax.errors import CheckpointError, ConfigError, EpJaxError, InputError, OutputPathError
 from ep_jax.families import family_of
 from ep_jax.families import get as get_family
-from ep_jax.files import staged_folder
+from ep_jax.files import interrupts_after, staged_folder
 from ep_jax.runtime.model import DTYPES, LAYOUTS, Model, abstract_model, from_params
 from ep_jax.runtime.model import dtype_of as _dtype
 
@@ -245,7 +245,8 @@ def _restore(path: Path, abstract: dict, version: int = FORMAT_VERSION, where: P
             # +2 x that parameter (+1.25x there; llava-1.5-7b bf16: 14.1 + 2 x 2.9 GB).
             largest = max(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(target))
             budget = max(largest + 1, _RESTORE_MIN_BYTES)
-            with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=budget / 1e9)) as ckpt:
+            with interrupts_after(), \
+                    ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=budget / 1e9)) as ckpt:
                 params = ckpt.restore(path.absolute(), args=ocp.args.PyTreeRestore(
                     item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
             sums = _saved_sums(path)
@@ -327,7 +328,7 @@ def _restore_v2(path: Path, target: dict, where) -> dict:
     missing = [".".join(k) for k in _leaf_paths(target) if not (path / ".".join(k)).is_dir()]
     if missing:
         raise _unreadable(where, hf._short(missing), "missing from params/")
-    with ocp.StandardCheckpointer() as ckpt:
+    with interrupts_after(), ocp.StandardCheckpointer() as ckpt:
         for keys in _leaf_paths(target):
             name = ".".join(keys)
             try:
@@ -379,7 +380,7 @@ def _save_params(params: dict, path: Path, consume: bool = False, where: str | P
     )
     handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
     try:
-        with ocp.Checkpointer(handler) as ckpt:
+        with interrupts_after(), ocp.Checkpointer(handler) as ckpt:
             ckpt.save(path.absolute(), args=ocp.args.PyTreeSave(tree, custom_metadata={_SUMS_KEY: sums}))
     except (OSError, ValueError, RuntimeError) as e:  # tensorstore reports a full disk as a ValueError
         if isinstance(e, EpJaxError):

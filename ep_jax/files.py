@@ -169,6 +169,25 @@ def _move_into_place(tmp: Path, dst: Path) -> None:
 
 
 @contextlib.contextmanager
+def interrupts_after():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise KeyboardInterrupt when the
+    block ends. For calls that wait on worker threads and turn an interrupt into something else
+    (orbax: a KeyboardInterrupt in the middle of a restore comes out as a read error, or is lost
+    and the program runs on). Main thread only; elsewhere signals do not arrive."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
 def _sigint_held():
     """Ignore SIGINT inside the block (main thread only; elsewhere signals do not arrive)."""
     if threading.current_thread() is not threading.main_thread():

@@ -182,3 +182,41 @@ def test_nan_weights_are_reported_not_answered(shipped):
     with pytest.raises(NumericalError, match="NaN or infinite logits for example"):
         ep_jax.generate(broken, [photo()], ["What is it?"], max_new_tokens=3)
     assert isinstance(NumericalError("x"), EpJaxError)
+
+
+_INTERRUPTED_LOADS = r'''
+import os, signal, threading, time
+from ep_jax import checkpoint
+from ep_jax.cli import redeliver_swallowed_interrupts
+redeliver_swallowed_interrupts()  # as the commands do (JAX's garbage-collection callback swallows one)
+checkpoint.load()
+t0 = time.perf_counter(); checkpoint.load(); took = time.perf_counter() - t0
+interrupted = other = 0
+for i in range(20):  # a SIGINT at 20 moments spread over a load: each must come out as KeyboardInterrupt
+    timer = threading.Timer(took * i / 20, os.kill, (os.getpid(), signal.SIGINT))
+    seen = False
+    try:
+        timer.start()
+        try:
+            checkpoint.load()
+        except Exception as e:
+            other += 1
+            print(type(e).__name__, e)
+        time.sleep(0.5)  # a signal that arrived after the load lands here
+    except KeyboardInterrupt:
+        seen = True
+    try:
+        timer.join()
+    except KeyboardInterrupt:
+        seen = True
+    interrupted += seen
+print("interrupted", interrupted, "other", other)
+'''
+
+
+def test_ctrl_c_during_a_checkpoint_restore_is_an_interrupt():
+    """orbax turns a KeyboardInterrupt in the middle of a restore into a read error or loses it;
+    held until the restore ends, every Ctrl-C comes out as KeyboardInterrupt (-> exit 130)."""
+    r = subprocess.run([sys.executable, "-c", _INTERRUPTED_LOADS], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.stdout.strip().splitlines()[-1:] == ["interrupted 20 other 0"], (r.stdout, r.stderr[-2000:])
