@@ -1,6 +1,7 @@
 import atexit
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -14,6 +15,10 @@ if "EP_JAX_COMPILATION_CACHE" not in os.environ:
     os.environ["EP_JAX_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="ep_jax-test-jax-cache-")
     atexit.register(shutil.rmtree, os.environ["EP_JAX_COMPILATION_CACHE"], ignore_errors=True)
 sys.path.insert(0, str(Path(__file__).parent))
+# A suite started in the background of a non-interactive shell inherits SIGINT ignored, and so
+# would every command it starts; the tests that send a real Ctrl-C need it delivered.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import jax  # noqa: E402
 
