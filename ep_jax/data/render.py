@@ -5,15 +5,12 @@ an object's silhouette. Deterministic given the random generator `scenes.py` pas
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-
-if TYPE_CHECKING:
-    from ep_jax.data.scenes import SceneObject
 
 CIRCUMRADIUS = {"circle": 1.0, "square": 0.88 * math.sqrt(2.0), "triangle": 1.4, "star": 1.4}
 _STAR_INNER = 0.5  # inner/outer radius of the star's concave vertices
@@ -27,6 +24,24 @@ _LUMA_RANGE = (70.0, 195.0)
 _BLUR_OUTPUT_PX = 0.8  # Gaussian radius at output scale for a mid-sized crop
 _CROP_FRACTION = (0.45, 1.0)  # crop side / photo's short side
 _PHOTO_SHORT_SIDE = 2.2  # cached photos keep at most this many output sides of resolution
+
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneObject:
+    """One painted object. Coordinates are pixels, origin top-left, x to the right.
+
+    Every painted pixel lies inside `bbox` and inside the circle of `radius` around `center`.
+    """
+
+    shape: str
+    color: str
+    size: str
+    center: tuple[float, float]  # (x, y)
+    radius: float  # circumradius
+    bbox: tuple[float, float, float, float]  # (x0, y0, x1, y1)
+    rgb: tuple[int, int, int]  # fill colour actually painted (palette colour + jitter)
+    rotation_deg: float
 
 
 # Geometry

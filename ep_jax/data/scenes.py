@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ep_jax.data.render import CIRCUMRADIUS, background_crop, object_coverage, outline_points, paint  # noqa: F401
+from ep_jax.data.render import (CIRCUMRADIUS, SceneObject, background_crop, object_coverage,  # noqa: F401
+                               outline_points, paint)
 
 # Vocabulary
 
@@ -91,23 +92,6 @@ _MAX_ROTATION_DEG = 10.0
 _COLOR_JITTER = 10  # per-channel, keeps the nearest palette colour unambiguous
 _CENTRE_LINE_MARGIN = 0.02  # a position target keeps this far off both centre lines
 # Shapes, painting and backgrounds: render.py.
-
-
-@dataclasses.dataclass(frozen=True)
-class SceneObject:
-    """One painted object. Coordinates are pixels, origin top-left, x to the right.
-
-    Every painted pixel lies inside `bbox` and inside the circle of `radius` around `center`.
-    """
-
-    shape: str
-    color: str
-    size: str
-    center: tuple[float, float]  # (x, y)
-    radius: float  # circumradius
-    bbox: tuple[float, float, float, float]  # (x0, y0, x1, y1)
-    rgb: tuple[int, int, int]  # fill colour actually painted (palette colour + jitter)
-    rotation_deg: float
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -196,8 +196,8 @@ def _run(args) -> int:
     questions = read_question_file(Path(args.question_file), Path(args.image_folder), args.question_format,
                                    single_pred_prompt=args.single_pred_prompt, all_rounds=args.all_rounds,
                                    lang=args.lang)
-    groups = split_chunk(list(dict.fromkeys(q["group"] for q in questions)), args.num_chunks, args.chunk_idx)
-    chunk = [q for q in questions if q["group"] in set(groups)]  # an MMBench row's rounds stay together
+    groups = set(split_chunk(list(dict.fromkeys(q["group"] for q in questions)), args.num_chunks, args.chunk_idx))
+    chunk = [q for q in questions if q["group"] in groups]  # an MMBench row's rounds stay together
     answers_path = Path(args.answers_file)
     done = read_answers(answers_path)
     todo = [q for q in chunk if q["key"] not in done]

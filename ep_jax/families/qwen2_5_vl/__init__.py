@@ -78,9 +78,13 @@ def preset_fields(cfg: Qwen25VLConfig) -> dict:
 
 
 def processor(path, cfg: Qwen25VLConfig):
-    from ep_jax.families.qwen2_5_vl.processing import QwenProcessor
+    """The checkpoint's tokenizer, image processor and video processor."""
+    from ep_jax.families.qwen2_5_vl.processing import QwenImageProcessor, QwenProcessor
+    from ep_jax.families.qwen2_5_vl.video_processing import QwenVideoProcessor
+    from ep_jax.tokenizer import load_tokenizer
 
-    return QwenProcessor.from_dir(path, cfg)
+    return QwenProcessor(load_tokenizer(path), QwenImageProcessor.from_dir(path),
+                         video_processor=QwenVideoProcessor.from_dir(path))
 
 
 FAMILY = register(Family(

@@ -136,14 +136,6 @@ class QwenProcessor(NextProcessor):
         self.video_processor = video_processor
         self._video_rows: list[list[int]] | None = None
 
-    @classmethod
-    def from_dir(cls, path, cfg=None) -> "QwenProcessor":
-        from ep_jax.families.qwen2_5_vl.video_processing import QwenVideoProcessor
-        from ep_jax.tokenizer import load_tokenizer
-
-        return cls(load_tokenizer(path), QwenImageProcessor.from_dir(path),
-                   video_processor=QwenVideoProcessor.from_dir(path))
-
     def num_image_tokens(self, height: int, width: int) -> int:
         ip = self.image_processor
         h, w = ip.resized_size(height, width)
@@ -204,7 +196,7 @@ class QwenProcessor(NextProcessor):
         if videos is None:
             return None
         if self.video_processor is None:
-            raise ProcessingError("this processor has no video processor; build it with QwenProcessor.from_dir")
+            raise ProcessingError("this processor has no video processor; load the model from its checkpoint (the family builds the video processor from its files)")
         if not isinstance(videos, (list, tuple)) or len(videos) != len(prompts):
             raise ProcessingError(f"videos must be a list with one entry per prompt ({len(prompts)}), "
                                   f"got {type(videos).__name__}")
