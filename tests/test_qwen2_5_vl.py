@@ -49,6 +49,15 @@ def _torch(tm, ids, pixels, mask, grid):
                 image_grid_thw=torch.tensor(grid), mm_token_type_ids=torch.tensor((ids == QWEN_IMAGE).astype(np.int64)))
 
 
+def _assert_logits_match(tm, model, ids, pixels, mask, grid):
+    """ep_jax's logits on the real (unpadded) rows equal transformers' within 1e-4."""
+    with torch.no_grad():
+        ref = tm(**_torch(tm, ids, pixels, mask, grid)).logits.numpy()
+    got = ep_jax.forward(model, ids, pixels, mask, image_grid_thw=grid).logits
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(got[valid], ref[valid], atol=1e-4, rtol=0)
+
+
 @pytest.fixture(scope="module")
 def qwen(tmp_path_factory):
     d, tm = build_tiny_qwen2_5_vl(tmp_path_factory.mktemp("qwen2_5_vl"))
@@ -59,11 +68,7 @@ def test_logits_match_transformers_batch_of_two_sizes(qwen):
     _, tm, model = qwen
     ids, pixels, mask, grid = _encode(_images())
     assert len(set((grid.prod(1) // 4).tolist())) == 2  # a different N per row
-    with torch.no_grad():
-        ref = tm(**_torch(tm, ids, pixels, mask, grid)).logits.numpy()
-    got = ep_jax.forward(model, ids, pixels, mask, image_grid_thw=grid).logits
-    valid = mask.astype(bool)
-    np.testing.assert_allclose(got[valid], ref[valid], atol=1e-4, rtol=0)
+    _assert_logits_match(tm, model, ids, pixels, mask, grid)
 
 
 def test_mrope_positions_equal_get_rope_index(qwen):
@@ -219,12 +224,7 @@ def test_weights_export_to_the_hub_names_and_transformers5_layout_loads(qwen, tm
     v5, tm5 = build_tiny_qwen2_5_vl(tmp_path / "v5", layout="v5", tie=True)
     assert any(k.startswith("model.language_model.") for k in load_file(str(v5 / "model.safetensors")))
     m5 = checkpoint.load(v5)
-    ids, pixels, mask, grid = _encode(_images())
-    with torch.no_grad():
-        ref = tm5(**_torch(tm5, ids, pixels, mask, grid)).logits.numpy()
-    got = ep_jax.forward(m5, ids, pixels, mask, image_grid_thw=grid).logits
-    valid = mask.astype(bool)
-    np.testing.assert_allclose(got[valid], ref[valid], atol=1e-4, rtol=0)
+    _assert_logits_match(tm5, m5, *_encode(_images()))
 
 
 def test_flat_and_nested_configs_agree(qwen):
