@@ -14,10 +14,12 @@ rename it into place only when complete: an interrupted or failed write leaves D
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -245,7 +247,7 @@ def _restore(path: Path, abstract: dict, version: int = FORMAT_VERSION, where: P
             # +2 x that parameter (+1.25x there; llava-1.5-7b bf16: 14.1 + 2 x 2.9 GB).
             largest = max(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(target))
             budget = max(largest + 1, _RESTORE_MIN_BYTES)
-            with interrupts_after(), \
+            with interrupts_after(), _abandoned_reads_quiet(), \
                     ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=budget / 1e9)) as ckpt:
                 params = ckpt.restore(path.absolute(), args=ocp.args.PyTreeRestore(
                     item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
@@ -253,7 +255,6 @@ def _restore(path: Path, abstract: dict, version: int = FORMAT_VERSION, where: P
     except (EpJaxError, MemoryError):
         raise
     except Exception as e:  # orbax / tensorstore raise many types for damaged files
-        _quiet_abandoned_reads()
         raise _unreadable(where, _names_in(e, abstract)) from None
     damaged = []
     for keys in _leaf_paths(abstract):
@@ -288,13 +289,18 @@ def _pieces(leaf) -> list[np.ndarray]:
     return [np.asarray(s.data) for s in leaf.addressable_shards if s.replica_id == 0]
 
 
-def _quiet_abandoned_reads() -> None:
-    """After a failed restore, orbax's abandoned reads end later, in tensorstore's threads,
-    reporting "Event loop is closed" and their own read errors through sys.unraisablehook (pages
-    of tracebacks, possibly after the CheckpointError was printed). Drop those two kinds from
+@contextlib.contextmanager
+def _abandoned_reads_quiet():
+    """Around an orbax restore. When it fails, its abandoned reads end later, in tensorstore's
+    threads: they report "Event loop is closed" and their own read errors through
+    sys.unraisablehook (pages of tracebacks, possibly before or after the CheckpointError is
+    printed), asyncio logs their futures ("exception was never retrieved") and Python warns at
+    exit that their coroutines were "never awaited". Those kinds are dropped from the start of
+    the block (the first can come while orbax is still closing) and, if the block fails, from
     then on; anything else still reaches the previous hook."""
     previous = sys.unraisablehook
     if getattr(previous, "_ep_jax_quiet", False):
+        yield
         return
 
     def hook(unraisable):
@@ -307,10 +313,28 @@ def _quiet_abandoned_reads() -> None:
 
     hook._ep_jax_quiet = True
     sys.unraisablehook = hook
-    # The same abandoned reads also end as asyncio futures whose failure nobody retrieved, which
-    # asyncio logs ("exception was never retrieved") when they are collected.
-    logging.getLogger("asyncio").addFilter(
-        lambda record: "exception was never retrieved" not in record.getMessage())
+    asyncio_log = logging.getLogger("asyncio")
+    never_retrieved = _DropMessages("exception was never retrieved")
+    asyncio_log.addFilter(never_retrieved)
+    try:
+        yield
+    except BaseException:
+        warnings.filterwarnings("ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+        raise
+    asyncio_log.removeFilter(never_retrieved)
+    if sys.unraisablehook is hook:
+        sys.unraisablehook = previous
+
+
+class _DropMessages(logging.Filter):
+    """Drops the log records whose message contains `text`."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
 
 
 def _names_in(e: BaseException, abstract: dict) -> str:
@@ -328,7 +352,7 @@ def _restore_v2(path: Path, target: dict, where) -> dict:
     missing = [".".join(k) for k in _leaf_paths(target) if not (path / ".".join(k)).is_dir()]
     if missing:
         raise _unreadable(where, hf._short(missing), "missing from params/")
-    with interrupts_after(), ocp.StandardCheckpointer() as ckpt:
+    with interrupts_after(), _abandoned_reads_quiet(), ocp.StandardCheckpointer() as ckpt:
         for keys in _leaf_paths(target):
             name = ".".join(keys)
             try:
@@ -336,7 +360,6 @@ def _restore_v2(path: Path, target: dict, where) -> dict:
             except MemoryError:
                 raise
             except Exception:  # orbax / tensorstore raise many types for damaged files
-                _quiet_abandoned_reads()
                 raise _unreadable(where, name) from None
             hf._set(params, keys, value)
     return params
