@@ -108,25 +108,38 @@ def test_logits_and_positions_match_transformers(kind, qwen):
     np.testing.assert_array_equal(spans.counts(), (types > 0).sum(1))
 
 
-@pytest.mark.parametrize("kind", ["two_videos", "mixed", "image"])
-def test_banded_vision_attention_matches_transformers(kind, qwen, monkeypatch):
-    """Small query blocks and key buckets: each block of queries reads only the frame pairs it
-    touches (full attention, batches with a video), W < P rows; window attention runs as a batch
-    of equal windows; the logits still equal transformers'."""
+@pytest.mark.parametrize("kind,full", [("two_videos", "bands"), ("mixed", "bands"), ("image", "bands"),
+                                       ("two_videos", "segments"), ("mixed", "segments")])
+def test_vision_attention_layouts_match_transformers(kind, full, qwen, monkeypatch):
+    """Small query blocks and key buckets. Full attention by bands: each block of queries reads
+    only the frame pairs it touches (batches with a video), W < P rows; or, for a batch with a
+    video, by dense segments (each frame pair, or the image, against itself). Window attention
+    runs as a batch of equal windows. The logits still equal transformers'."""
     from ep_jax.families.qwen2_5_vl import vision
 
     monkeypatch.setattr(vision, "QUERY_BLOCK", 128)
     monkeypatch.setattr(vision, "KEY_BUCKET", 64)
+    if full == "bands":
+        monkeypatch.setattr(vision, "SEGMENT_SCORES", 0)
     _, tm, model = qwen
     rows, vis = _case(kind)
     ids, mask, types = _batch(rows)
     pixels = vis.pop("pixel_values", None)
     inputs, _ = model.family.inputs(model.config, ids, pixels, mask, **vis)
     assert len(inputs["pixel_values"]) == 1024
+    # patches before the padding (which reads slot 0)
+    real = sum(int(np.prod(vis[k], 1).sum()) for k in ("video_grid_thw", "image_grid_thw") if k in vis)
     windows = inputs["vision_window_rows"]  # dense windows of at most 16 patches (the tiny tower's)
     assert windows.shape[1] == 16 and windows.shape[0] >= 1024 // 16
-    np.testing.assert_array_equal(windows.reshape(-1)[inputs["vision_window_slot"]], np.arange(1024))
-    assert inputs["vision_full_keys"].shape == (8, {"two_videos": 192, "mixed": 192, "image": 1024}[kind])
+    np.testing.assert_array_equal(windows.reshape(-1)[inputs["vision_window_slot"]][:real], np.arange(real))
+    if full == "bands":
+        assert inputs["vision_full_keys"].shape == (8, {"two_videos": 192, "mixed": 192, "image": 1024}[kind])
+        assert inputs["vision_full_rows"].size == 0
+    else:
+        segments = inputs["vision_full_rows"]
+        frame_pairs = int(vis["video_grid_thw"][:, 0].sum()) + (pixels is not None)
+        assert len(segments) == -(-frame_pairs // 4) * 4 and inputs["vision_full_keys"].size == 0
+        np.testing.assert_array_equal(segments.reshape(-1)[inputs["vision_full_slot"]][:real], np.arange(real))
     with torch.no_grad():
         ref = tm(**_torch(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, pixel_values=pixels,
                           **vis)).logits.numpy()

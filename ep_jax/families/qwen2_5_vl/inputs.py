@@ -14,6 +14,7 @@ after it starts at start + max(h, w).
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -181,9 +182,8 @@ def model_inputs(cfg: Qwen25VLConfig, input_ids, pixel_values=None, attention_ma
         padded = _vision.patch_bucket(len(pv), patch_bucket_size)
         lay = _vision.layout(batch_grids, cfg.vision, padded)
         inputs["pixel_values"] = np.concatenate([pv, np.zeros((padded - len(pv), pv.shape[1]), pv.dtype)]).astype(dtype)
-        inputs.update(vision_perm=lay.perm, vision_pos=lay.pos, vision_full_segment=lay.full_segment,
-                      vision_full_keys=lay.full_keys, vision_window_rows=lay.window_rows,
-                      vision_window_slot=lay.window_slot)
+        inputs.update({f"vision_{f.name}": getattr(lay, f.name) for f in dataclasses.fields(lay)
+                       if f.name != "merged_row"})
         index = np.zeros(ids.shape, np.int32)
         index[is_visual] = lay.merged_row  # row-major: the batch's visual tokens in sequence order
         inputs["feature_index"] = index

@@ -35,9 +35,8 @@ class Qwen25VL(Llava):
             self.lm_head = param(rngs, (d, t.vocab_size), dtype)
 
     def image_features(self, inputs: dict) -> Float[Array, "u d"]:
-        return self.vision(inputs["pixel_values"], inputs["vision_perm"], inputs["vision_pos"],
-                           inputs["vision_full_segment"], inputs["vision_full_keys"], inputs["vision_window_rows"],
-                           inputs["vision_window_slot"])
+        return self.vision(inputs["pixel_values"], {k[len("vision_"):]: v for k, v in inputs.items()
+                                                    if k.startswith("vision_")})
 
     def embed_inputs(self, inputs: dict) -> tuple[Float[Array, "b s d"], Int[Array, "3 b s"]]:
         ids = inputs["input_ids"]

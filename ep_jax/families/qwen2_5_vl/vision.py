@@ -7,14 +7,14 @@
 The host (`layout`) computes, for a batch of images and videos of any sizes, every index the
 graph needs: the window permutation of the patches, their (h, w) rotary positions, the segment ids
 of full attention (one per image, and one per temporal patch of a video: transformers'
-`cu_seqlens`), where each merged token lands (the inverse of the window order), the key rows
-each block of queries reads in the full-attention layers (`key_rows`: all P rows, or for a batch
-with a video only the frame pairs the block touches; the mask is built per block from the
-segment ids, never [P, P]), and the windows as a batch of equal windows (`dense_windows`: each
-window's rows, at most 64 for Qwen2.5-VL, so window attention costs 64 keys a query). P is
-padded to a bucket: padding patches never reach a real one and are never read back. The host
-and the graph read QUERY_BLOCK from this module at the same time: change it before preparing
-inputs.
+`cu_seqlens`), where each merged token lands (the inverse of the window order), how the
+full-attention layers run (`key_rows`: the key rows each block of queries reads, all P rows for
+images, the mask built per block from the segment ids, never [P, P]; or, for a batch with a
+video, `dense_segments`: its frame pairs as a batch of equal segments, each against itself), and
+the windows as a batch of equal windows (`dense_windows`: each window's rows, at most 64 for
+Qwen2.5-VL, so window attention costs 64 keys a query). P is padded to a bucket: padding
+patches never reach a real one and are never read back. The host and the graph read QUERY_BLOCK
+and SEGMENT_SCORES from this module at the same time: change them before preparing inputs.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ PATCH_BUCKET = 1024  # patches of a batch are padded to a multiple of this: 4 x 
 _PAD_SEGMENT = -1
 QUERY_BLOCK = 1024  # full attention runs queries in blocks of this many: scores [heads, block, W] at a time
 KEY_BUCKET = 1024  # a video batch's key band W is rounded up to a multiple of this (`key_rows`)
+SEGMENT_SCORES = 4 * 1024 * 1024  # full attention by dense segments (`dense_segments`): at most this many
+# scores per head at a time (and segments of at most its square root, 2,048 patches)
 
 
 def patch_bucket(p: int, bucket: int | None = None) -> int:
@@ -80,7 +82,10 @@ class VisionLayout:
     pos: np.ndarray  # int32 [P, 2]: (h, w) rotary positions, window order
     full_segment: np.ndarray  # int32 [P]: image (video: temporal patch) of each row (< 0: padding)
     merged_row: np.ndarray  # int32 [tokens]: merged row of each visual token in image order
-    full_keys: np.ndarray  # int32 [P / QUERY_BLOCK, W]: the rows each block of queries attends over (full layers)
+    full_keys: np.ndarray  # int32 [P / QUERY_BLOCK, W]: the rows each block of queries attends over (full
+    # layers by bands; [0, 1] when they go by dense segments)
+    full_rows: np.ndarray  # int32 [segments, S]: the rows of each segment (-1: empty; [0, 1] when by bands)
+    full_slot: np.ndarray  # int32 [P]: where each row sits in full_rows, flattened ([0] when by bands)
     window_rows: np.ndarray  # int32 [windows, S]: the rows of each window, S = its most patches (-1: empty)
     window_slot: np.ndarray  # int32 [P]: where each row sits in window_rows, flattened
 
@@ -107,24 +112,57 @@ def key_rows(segment: np.ndarray, width: int | None, block: int, bucket: int) ->
 def dense_windows(window: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Window attention as a batch of equal windows: (int32 [windows, size] the rows of each
     window, -1 for an empty slot; int32 [P] the flat slot of each row). Windows are runs of
-    equal ids in window order, at most `size` rows each (smaller at an image's edges); padding
-    rows (ids < 0), never read back, go `size` at a time. The number of windows is static per P
-    bucket: P / size x 5/4 (50 random photo sizes need at most 1.25), more only for an unusual
-    batch (e.g. very thin images: many small windows)."""
-    p = len(window)
-    pad = window < 0
-    key = np.where(pad, -1 - (np.cumsum(pad) - 1) // size, window)
+    equal ids in window order, at most `size` rows each (smaller at an image's edges). The number
+    of windows is static per P bucket: P / size x 5/4 (50 random photo sizes need at most 1.25),
+    more only for an unusual batch (e.g. very thin images: many small windows), then a multiple
+    of 16. Padding rows (ids < 0) get no slot of their own: they read slot 0, a real row's
+    output, and are never read back."""
+    return _dense_runs(window, size, -(-(len(window) // size) * 5 // 4), 16)
+
+
+def dense_segments(segment: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Full attention as a batch of equal segments (a video's frame pairs), as `dense_windows`;
+    the number of segments is a multiple of 4."""
+    return _dense_runs(segment, size, 0, 4)
+
+
+def _dense_runs(ids: np.ndarray, size: int, count: int, multiple: int) -> tuple[np.ndarray, np.ndarray]:
+    """The runs of equal ids >= 0 as the rows of [count, size] (-1 where empty; `count` grows to
+    a multiple of `multiple` when there are more runs) and the flat slot of each row (0 for ids < 0)."""
+    real = np.flatnonzero(ids >= 0)
+    key = ids[real]
     starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-    lengths = np.diff(np.r_[starts, p])
+    lengths = np.diff(np.r_[starts, len(key)])
     assert lengths.max() <= size, (lengths.max(), size)
-    count = -(-(p // size) * 5 // 4)
     if len(starts) > count:
-        count = -(-len(starts) // 16) * 16
+        count = -(-len(starts) // multiple) * multiple
     owner = np.repeat(np.arange(len(starts)), lengths)
-    offset = np.arange(p) - starts[owner]
+    offset = np.arange(len(key)) - starts[owner]
     rows = np.full((count, size), -1, np.int32)
-    rows[owner, offset] = np.arange(p)
-    return rows, (owner * size + offset).astype(np.int32)
+    rows[owner, offset] = real
+    slot = np.zeros(len(ids), np.int32)
+    slot[real] = owner * size + offset
+    return rows, slot
+
+
+def _full_attention_layout(full: np.ndarray, video: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(keys, rows, slot) of the full-attention layers. By bands (`key_rows`): every row for
+    images (one segment per image: no narrower band; static per P bucket), or for a batch with a
+    video, whose frame pairs are segments of their own, the widest range a block of queries
+    touches. A batch with a video goes by dense segments instead (`dense_segments`: each frame
+    pair against itself only) when those are at most SEGMENT_SCORES scores each and cost fewer
+    scores than the bands (32 frames of 20 x 36 patches: 16 x 736^2 against 12 x 1024 x 3072)."""
+    none = np.zeros((0, 1), np.int32)
+    keys = key_rows(full, None if video else len(full), QUERY_BLOCK, KEY_BUCKET)
+    if video:
+        real = full[full >= 0]
+        lengths = np.diff(np.flatnonzero(np.r_[True, real[1:] != real[:-1], True]))
+        size = -(-int(lengths.max()) // 32) * 32
+        count = -(-len(lengths) // 4) * 4
+        if size * size <= SEGMENT_SCORES and count * size * size < keys.size * QUERY_BLOCK:
+            rows, slot = dense_segments(full, size)
+            return none, rows, slot
+    return keys, none, np.zeros(0, np.int32)
 
 
 def layout(grids, cfg: QwenVisionConfig, padded: int) -> VisionLayout:
@@ -148,9 +186,7 @@ def layout(grids, cfg: QwenVisionConfig, padded: int) -> VisionLayout:
     alone = _PAD_SEGMENT - np.arange(pad)  # each padding row its own segment: attends to itself, never read back
     full, window = cat(full, alone), cat(window, alone)
     video = any(int(g[0]) > 1 for g in grids)
-    # full layers read every row (one segment per image: no narrower band), or for a batch with a
-    # video, whose frame pairs are segments of their own, the widest range a query block touches
-    full_keys = key_rows(full, None if video else len(full), QUERY_BLOCK, KEY_BUCKET)
+    full_keys, full_rows, full_slot = _full_attention_layout(full, video)
     window_rows, window_slot = dense_windows(window, (cfg.window_size // cfg.patch_size) ** 2)
     return VisionLayout(
         perm=cat(perm, np.arange(patches, padded)),
@@ -158,6 +194,8 @@ def layout(grids, cfg: QwenVisionConfig, padded: int) -> VisionLayout:
         full_segment=full,
         merged_row=cat(merged, np.zeros(0, int)),
         full_keys=full_keys,
+        full_rows=full_rows,
+        full_slot=full_slot,
         window_rows=window_rows,
         window_slot=window_slot,
     )
@@ -184,7 +222,7 @@ class VisionBlock(nnx.Module):
         self.mlp = MLP(mlp, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: Float[Array, "p d"], cos, sin, attention) -> Float[Array, "p d"]:
-        """`attention(q, k, v) -> out`, each [p, heads, head_dim]: `full_attention` or `window_attention`."""
+        """`attention(q, k, v) -> out`, each [p, heads, head_dim]: `full_attention` or `segment_attention`."""
         p, d = x.shape
         qkv = dense(self.norm1(x), self.qkv[...], "pd,de->pe") + self.qkv_bias[...]
         q, k, v = jnp.moveaxis(qkv.reshape(p, 3, self.num_heads, -1), 1, 0)
@@ -194,10 +232,14 @@ class VisionBlock(nnx.Module):
         return x + self.mlp(self.norm2(x)[None])[0]
 
 
-def full_attention(q, k, v, segment: Int[Array, "p"], keys: Int[Array, "blocks w"]):
-    """Attention within segments (an image, a video's frame pair): queries in blocks of
+def full_attention(q, k, v, segment: Int[Array, "p"], keys: Int[Array, "blocks w"],
+                   rows: Int[Array, "n s"], slot: Int[Array, "p"]):
+    """Attention within segments (an image, a video's frame pair). By dense segments when the
+    layout gives them (`rows` not empty: `segment_attention`); else queries in blocks of
     QUERY_BLOCK, block j against its band of key rows `keys[j]` (contiguous: `key_rows`), read as
     a slice; a band of every row is the array itself."""
+    if rows.shape[0]:
+        return segment_attention(q, k, v, rows, slot)
     p, width = q.shape[0], keys.shape[1]
     out = []
     for j, i in enumerate(range(0, p, QUERY_BLOCK)):
@@ -208,13 +250,21 @@ def full_attention(q, k, v, segment: Int[Array, "p"], keys: Int[Array, "blocks w
     return jnp.concatenate(out, axis=1)[0]
 
 
-def window_attention(q, k, v, rows: Int[Array, "w s"], slot: Int[Array, "p"]):
-    """Attention within each window, as one batch of equal windows (`dense_windows`): q, k, v
-    gathered into [windows, S, ...], empty slots masked out, the result read back by `slot`."""
-    valid = rows >= 0
-    take = lambda a: jnp.take(a, jnp.maximum(rows, 0), axis=0)  # noqa: E731
-    out = attend(take(q), take(k), take(v), valid[:, :, None] & valid[:, None, :])
-    return jnp.take(out.reshape(-1, *out.shape[2:]), slot, axis=0)
+def segment_attention(q, k, v, rows: Int[Array, "n s"], slot: Int[Array, "p"]):
+    """Attention within each segment (a window, or a frame pair in the full layers), as a batch
+    of equal segments (`dense_windows`, `dense_segments`): q, k, v gathered into [n, S, ...],
+    empty slots masked out, the result read back by `slot`; at most SEGMENT_SCORES scores per
+    head at a time."""
+    size = rows.shape[1]
+    group = max(1, SEGMENT_SCORES // (size * size))
+    take = lambda a, r: jnp.take(a, jnp.maximum(r, 0), axis=0)  # noqa: E731
+    out = []
+    for i in range(0, rows.shape[0], group):
+        r = rows[i:i + group]
+        valid = r >= 0
+        o = attend(take(q, r), take(k, r), take(v, r), valid[:, :, None] & valid[:, None, :])
+        out.append(o.reshape(-1, *o.shape[2:]))
+    return jnp.take(jnp.concatenate(out) if len(out) > 1 else out[0], slot, axis=0)
 
 
 class VisionTower(nnx.Module):
@@ -228,23 +278,24 @@ class VisionTower(nnx.Module):
         self.merge1, self.merge1_bias = param(rngs, (c, c), dtype), param(None, (c,), dtype)
         self.merge2, self.merge2_bias = param(rngs, (c, out), dtype), param(None, (out,), dtype)
 
-    def __call__(self, pixels: Float[Array, "p e"], perm: Int[Array, "p"], pos: Int[Array, "p 2"],
-                 full_segment: Int[Array, "p"], full_keys: Int[Array, "blocks w"],
-                 window_rows: Int[Array, "w s"], window_slot: Int[Array, "p"]) -> Float[Array, "u o"]:
-        """Merged visual tokens [P/4, out] in window order (the host maps them back)."""
+    def __call__(self, pixels: Float[Array, "p e"], lay: dict[str, Int[Array, "..."]]) -> Float[Array, "u o"]:
+        """Merged visual tokens [P/4, out] in window order (the host maps them back); `lay`: the
+        arrays of `VisionLayout` but merged_row (the inputs' `vision_*`, without the prefix)."""
         cfg = self.cfg
         w = self.patch[...]
         x = dense(pixels.astype(w.dtype), w.reshape(-1, w.shape[-1]), "pe,ed->pd")
-        x = jnp.take(x, perm, axis=0)
+        x = jnp.take(x, lay["perm"], axis=0)
         hd = cfg.head_dim // 2
         inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+        pos = lay["pos"]
         angles = (pos.astype(jnp.float32)[..., None] * inv_freq).reshape(pos.shape[0], -1)  # [p, hd]: h then w
         angles = jnp.concatenate([angles, angles], -1)
         cos, sin = jnp.cos(angles), jnp.sin(angles)
         flags = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
         edges = [0, *np.flatnonzero(np.diff(flags)) + 1, cfg.depth]
-        full = functools.partial(full_attention, segment=full_segment, keys=full_keys)
-        window = functools.partial(window_attention, rows=window_rows, slot=window_slot)
+        full = functools.partial(full_attention, segment=lay["full_segment"], keys=lay["full_keys"],
+                                 rows=lay["full_rows"], slot=lay["full_slot"])
+        window = functools.partial(segment_attention, rows=lay["window_rows"], slot=lay["window_slot"])
         for lo, hi in zip(edges[:-1], edges[1:]):  # runs of window layers and of full layers
             attention = full if flags[lo] else window
             x, _ = scan_layers(self.blocks, int(lo), int(hi),
