@@ -57,15 +57,18 @@ QWEN_7B = Qwen25VLConfig(vision=QwenVisionConfig(), text=TextConfig(
     head_dim=128, attention_bias=True, o_bias=False, mrope_section=(16, 24, 24)))
 
 
-def qwen_7b_lines(grids, seq: int, n: int, rows: list[dict]) -> list[str]:
-    """What the same input costs Qwen2.5-VL-7B itself, by FLOPs: the vision tower's share of the
-    prefill and the whole-prefill ratio at each measured R (same L = 28 and K, so the same R)."""
-    vision = sum(flops.window_vision_flops(QWEN_7B.vision, g) for g in grids)
-    decoder = flops.prefill_flops(QWEN_7B.text, seq)
-    pruned = {r["setting"]: vision + flops.prefill_flops(QWEN_7B.text, seq, n, LAYER, r["R"]) for r in rows if r["R"] != n}
-    ratios = ", ".join(f"{name} {(vision + decoder) / f:.2f}x" for name, f in pruned.items())
-    return [f"Qwen2.5-VL-7B itself on this input, by FLOPs (`core.flops`): vision tower "
-            f"{100 * vision / (vision + decoder):.1f} % of the prefill; whole-prefill ratio {ratios}."]
+def flops_lines(cfg, grids, seq: int, n: int, rows: list[dict]) -> list[str]:
+    """What the same input costs by FLOPs, for this benchmark's shape `cfg` and for
+    Qwen2.5-VL-7B itself: the vision tower's share of the prefill and the whole-prefill ratio at
+    each measured R (same L = 28 and K, so the same R)."""
+    def line(name, c):
+        vision = sum(flops.window_vision_flops(c.vision, g) for g in grids)
+        decoder = flops.prefill_flops(c.text, seq)
+        pruned = {r["setting"]: vision + flops.prefill_flops(c.text, seq, n, LAYER, r["R"]) for r in rows if r["R"] != n}
+        ratios = ", ".join(f"{setting} {(vision + decoder) / f:.2f}x" for setting, f in pruned.items())
+        return f"{name} on this input, by FLOPs (`core.flops`): vision tower " \
+               f"{100 * vision / (vision + decoder):.1f} % of the prefill; whole-prefill ratio {ratios}."
+    return [line("This benchmark's shape", cfg), "", line("Qwen2.5-VL-7B itself", QWEN_7B)]
 
 
 def build_tokenizer() -> Tokenizer:
@@ -118,7 +121,7 @@ def main(argv=None) -> int:
              f"{patches} patches, N = {n} visual tokens, prompt {seq} tokens, K = {LAYER}, float32, "
              f"median of {args.runs}.", "", *side_by_side.markdown_table(rows), "",
              *side_by_side.decoder_table(rows, vision_ms), "",
-             *qwen_7b_lines(enc["image_grid_thw"], seq, n, rows), "",
+             *flops_lines(CONFIG, enc["image_grid_thw"], seq, n, rows), "",
              "R is the budget of the layers after K = 1: keep_ratio r gives R = floor(N (28 r - 1) / 27)."]
     side_by_side.write_outputs(
         args.out, "Qwen2.5-VL prefill, pruned vs unpruned",

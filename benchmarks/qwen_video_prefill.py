@@ -14,7 +14,7 @@ Model: `qwen_prefill.py`'s Qwen2.5-VL-7B-like shape at CPU widths (the 7B's dept
 decoder, a 32-block window-attention vision tower; `--width` 1024 by default: decoder 1024 with
 16 query / 2 key-value heads of 64 and the 7B's MLP ratio, vision 320; `--width 512` halves both
 for a quicker run); random weights, float32. The table ends with what the same input costs
-Qwen2.5-VL-7B itself by FLOPs, for comparison.
+by FLOPs on this shape and on Qwen2.5-VL-7B itself, for comparison.
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
              f"{video.num_frames} frames, grid {grid} ({int(np.prod(grid))} patches), N = {n} visual tokens, prompt "
              f"{seq} tokens, K = {LAYER}, float32, median of {args.runs}.", "", *side_by_side.markdown_table(rows), "",
              *side_by_side.decoder_table(rows, vision_ms), "",
-             *qwen_prefill.qwen_7b_lines(enc["video_grid_thw"], seq, n, rows), "",
+             *qwen_prefill.flops_lines(cfg, enc["video_grid_thw"], seq, n, rows), "",
              f"Apart: reading and sampling the {video.num_frames} frames from the mp4 (PyAV) {read_ms:.0f} ms (not in "
              f"TTFT, which starts from the decoded frames); greedy decoding of {args.decode_tokens} tokens after the "
              "prefill: " + ", ".join(f"{k} {ms:.0f} ms ({1e3 * (args.decode_tokens - 1) / ms:.1f} tokens/s)"
