@@ -14,6 +14,11 @@ has), rounded down to an even count (the model's temporal patches are 2 frames),
 the video: frame `floor(k * total / n)` for k < n (exact integers, so the choice is deterministic).
 `Video.sampled_fps` is transformers' `VideoMetadata.sampled_fps` (n / total * source fps), from
 which the processor derives `second_per_grid_ts`.
+
+Memory: only the sampled frames are decoded (files) or read (folders), into one array. Before
+that, their size at full resolution (n x H x W x 3 bytes) is checked against `max_bytes`
+(default: half of this machine's memory): a long high-resolution video is refused with one
+`ProcessingError` saying how much it needs and what to lower, instead of exhausting memory.
 """
 
 from __future__ import annotations
@@ -78,26 +83,46 @@ def check_fps(fps: Any) -> float:
 
 
 def read_video(src: Any, *, fps: float = DEFAULT_FPS, min_frames: int = MIN_FRAMES, max_frames: int = MAX_FRAMES,
-               source_fps: float | None = None) -> Video:
-    """A video file, a folder of frames or an array [T, H, W, 3] -> its sampled frames."""
+               source_fps: float | None = None, max_bytes: int | None = None) -> Video:
+    """A video file, a folder of frames or an array [T, H, W, 3] -> its sampled frames.
+    `max_bytes`: the most the sampled frames may take (default `default_max_bytes()`)."""
     fps = check_fps(fps)
     t0 = time.perf_counter()
     if isinstance(src, Video):
         return src
+    limits = dict(fps=fps, min_frames=min_frames, max_frames=max_frames)
+    budget = default_max_bytes() if max_bytes is None else int(max_bytes)
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
         if path.is_dir():
-            frames, label = _read_folder(path), str(path)
-        elif not path.exists():
+            return dataclasses.replace(_read_folder(path, float(source_fps or fps), limits, budget),
+                                       read_s=time.perf_counter() - t0)
+        if not path.exists():
             raise ProcessingError(f"video file not found: {str(path)!r}")
-        else:
-            return dataclasses.replace(_read_file(path, fps, min_frames, max_frames), read_s=time.perf_counter() - t0)
-    else:
-        frames, label = _from_array(src), "array"
+        return dataclasses.replace(_read_file(path, limits, budget), read_s=time.perf_counter() - t0)
+    frames = _from_array(src)
     rate = float(source_fps or fps)
-    idx = sample_indices(len(frames), rate, fps=fps, min_frames=min_frames, max_frames=max_frames, label=label)
-    return Video(np.ascontiguousarray(frames[idx]), idx / rate, idx, len(frames), rate, label,
+    idx = sample_indices(len(frames), rate, label="array", **limits)
+    return Video(np.ascontiguousarray(frames[idx]), idx / rate, idx, len(frames), rate, "array",
                  time.perf_counter() - t0)
+
+
+def default_max_bytes() -> int:
+    """Half of this machine's physical memory (8 GiB where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (AttributeError, ValueError, OSError):
+        return 8 << 30
+
+
+def _check_size(label: str, n: int, height: int, width: int, fps: float, budget: int) -> None:
+    """Refuse to hold n sampled frames of height x width RGB when they exceed `budget` bytes."""
+    need = n * height * width * 3
+    if need > budget:
+        raise ProcessingError(
+            f"{label}: {n} sampled frames of {width}x{height} need {need / 2**30:.1f} GiB of memory, more than "
+            f"the {budget / 2**30:.1f} GiB allowed; sample fewer frames (--fps below {fps:g}), cut the video "
+            "shorter or scale it down (e.g. ffmpeg -vf scale=-2:720)")
 
 
 # ---------------------------------------------------------------------- files (PyAV)
@@ -167,7 +192,7 @@ def _count_frames(path: Path) -> int:
             raise ProcessingError(f"{str(path)!r} is damaged or truncated ({_reason(e)})") from None
 
 
-def _read_file(path: Path, fps: float, min_frames: int, max_frames: int) -> Video:
+def _read_file(path: Path, limits: dict, budget: int) -> Video:
     import av
 
     total = _count_frames(path)
@@ -178,31 +203,51 @@ def _read_file(path: Path, fps: float, min_frames: int, max_frames: int) -> Vide
             raise ProcessingError(f"{str(path)!r} holds no video frames" if total == 0 else
                                   f"{str(path)!r} has no frame rate; extract its frames to a folder instead")
         rate = float(rate)
-        idx = sample_indices(total, rate, fps=fps, min_frames=min_frames, max_frames=max_frames, label=repr(str(path)))
-        wanted, frames, times, seen = set(idx.tolist()), [], [], 0
+        idx = sample_indices(total, rate, label=repr(str(path)), **limits)
+        height, width = stream.codec_context.height, stream.codec_context.width
+        _check_size(repr(str(path)), len(idx), height, width, limits["fps"], budget)
+        wanted, frames, times, seen = set(idx.tolist()), None, [], 0
         try:
             for seen, frame in enumerate(container.decode(stream)):
                 if seen in wanted:
-                    frames.append(frame.to_ndarray(format="rgb24"))
+                    if (frame.height, frame.width) != (height, width) and not times:
+                        height, width = frame.height, frame.width  # the stream's header was wrong
+                        _check_size(repr(str(path)), len(idx), height, width, limits["fps"], budget)
+                    if (frame.height, frame.width) != (height, width):
+                        raise ProcessingError(f"{str(path)!r} changes its frame size mid-stream; re-encode it at "
+                                              "one size")
+                    if frames is None:
+                        frames = np.empty((len(idx), height, width, 3), np.uint8)
+                    frames[len(times)] = frame.to_ndarray(format="rgb24")
                     times.append(float(frame.time) if frame.time is not None else seen / rate)
                 if seen >= idx[-1]:
                     break
         except av.error.FFmpegError as e:
             raise ProcessingError(f"{str(path)!r} is damaged or truncated ({_reason(e)})") from None
-    if len(frames) < len(idx):
+    if len(times) < len(idx):
         raise ProcessingError(f"{str(path)!r} is truncated or damaged: it announces {total} frames but only "
-                              f"{seen + 1 if frames else 0} could be decoded")
-    if len({f.shape for f in frames}) != 1:
-        raise ProcessingError(f"{str(path)!r} changes its frame size mid-stream; re-encode it at one size")
-    return Video(np.stack(frames), np.asarray(times, np.float64), idx, total, rate, str(path))
+                              f"{seen + 1 if times else 0} could be decoded")
+    return Video(frames, np.asarray(times, np.float64), idx, total, rate, str(path))
 
 
 # ---------------------------------------------------------------------- folders and arrays
-def _read_folder(path: Path) -> np.ndarray:
+def _read_folder(path: Path, rate: float, limits: dict, budget: int) -> Video:
+    """The sampled frames of a folder of images in name order (only those are read)."""
     files = sorted(f for f in path.iterdir() if f.suffix.lower() in FRAME_SUFFIXES)
     if not files:
         raise ProcessingError(f"folder {str(path)!r} holds no frame images ({', '.join(FRAME_SUFFIXES)})")
-    return _stack([np.asarray(load_image(f)) for f in files], f"folder {str(path)!r}")
+    label = f"folder {str(path)!r}"
+    idx = sample_indices(len(files), rate, label=label, **limits)
+    first = np.asarray(load_image(files[idx[0]]))
+    _check_size(label, len(idx), first.shape[0], first.shape[1], limits["fps"], budget)
+    frames = np.empty((len(idx), *first.shape), np.uint8)
+    for k, i in enumerate(idx):
+        frame = first if k == 0 else np.asarray(load_image(files[i]))
+        if frame.shape != first.shape:
+            raise ProcessingError(f"{label}: frames of different sizes ({first.shape[1]}x{first.shape[0]}, "
+                                  f"{frame.shape[1]}x{frame.shape[0]} in {files[i].name}); give frames of one size")
+        frames[k] = frame
+    return Video(frames, idx / rate, idx, len(files), rate, str(path))
 
 
 def _from_array(src: Any) -> np.ndarray:

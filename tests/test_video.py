@@ -26,6 +26,7 @@ import ep_jax  # noqa: E402
 from ep_jax import checkpoint  # noqa: E402
 from ep_jax.core.budget import PruneConfig  # noqa: E402
 from ep_jax.errors import ProcessingError  # noqa: E402
+from ep_jax.image_files import load_image  # noqa: E402
 from ep_jax.video import read_video, sample_indices  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -304,6 +305,32 @@ def test_frame_sampling_is_transformers_rule_and_deterministic(tmp_path):
     c, d = read_video(folder, fps=2.0, source_fps=4.0), read_video(frames, fps=2.0, source_fps=4.0)
     np.testing.assert_array_equal(c.frames, frames[::2])
     np.testing.assert_array_equal(d.frames, frames[::2])
+
+
+def test_only_sampled_frames_are_read_and_too_many_bytes_is_one_clear_error(tmp_path, monkeypatch):
+    import ep_jax.video as video
+
+    frames = _frames(12, 48, 64)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i, f in enumerate(frames):
+        PIL.Image.fromarray(f).save(folder / f"{i:03d}.png")
+    read = []
+    monkeypatch.setattr(video, "load_image", lambda f: read.append(Path(f).name) or load_image(f))
+    v = read_video(folder, fps=2.0, source_fps=4.0)
+    np.testing.assert_array_equal(v.frames, frames[::2])
+    assert read == [f"{i:03d}.png" for i in range(0, 12, 2)]  # the 6 sampled files, nothing else
+    need = 6 * 48 * 64 * 3
+    path = write_mp4(tmp_path / "clip.mp4", frames)
+    for src, kw in ((path, {}), (folder, dict(source_fps=4.0))):
+        assert read_video(src, max_bytes=need, **kw).frames.shape == (6, 48, 64, 3)
+        with pytest.raises(ProcessingError, match=r"6 sampled frames of 64x48 need 0\.0 GiB of memory, more than "
+                                                  r"the 0\.0 GiB allowed; sample fewer frames \(--fps below 2\)"):
+            read_video(src, max_bytes=need - 1, **kw)
+    assert video.default_max_bytes() > 0
+    PIL.Image.fromarray(frames[0][:40]).save(folder / "004.png")
+    with pytest.raises(ProcessingError, match=r"frames of different sizes \(64x48, 64x40 in 004.png\)"):
+        read_video(folder, fps=2.0, source_fps=4.0)
 
 
 def _bad_video(case, tmp_path):
