@@ -149,6 +149,37 @@ def test_vision_attention_layouts_match_transformers(kind, full, qwen, monkeypat
     np.testing.assert_allclose(got[valid], ref[valid], atol=1e-4, rtol=0)
 
 
+def test_full_attention_layout_choice():
+    """Which way the full-attention layers run, at Qwen2.5-VL-7B's real sizes (host side only):
+    a video by dense frame-pair segments (exact: each row in its own pair's segment, padding in
+    none); images by bands of every row (static per patch bucket); a video beside an image too
+    large for one segment by bands; every layout covers each real row exactly once."""
+    from ep_jax.families.qwen2_5_vl.config import QwenVisionConfig
+    from ep_jax.families.qwen2_5_vl.vision import layout, patch_bucket
+
+    cfg = QwenVisionConfig()
+    cases = {"video": [(16, 20, 36)], "images": [(1, 64, 80), (1, 20, 36)],
+             "video_and_big_image": [(1, 64, 80), (8, 20, 36)]}
+    for name, grids in cases.items():
+        real = int(sum(np.prod(g) for g in grids))
+        lay = layout(np.array(grids), cfg, patch_bucket(real))
+        p = len(lay.perm)
+        windows = lay.window_rows.reshape(-1)
+        np.testing.assert_array_equal(np.sort(windows[windows >= 0]), np.arange(real))
+        if name == "video":
+            assert lay.full_rows.shape == (16, 736) and lay.full_keys.size == 0
+            rows = lay.full_rows
+            np.testing.assert_array_equal(np.sort(rows[rows >= 0]), np.arange(real))
+            for seg in rows:  # one frame pair per segment, 720 patches each
+                seg = seg[seg >= 0]
+                assert len(seg) == 720 and len(set(lay.full_segment[seg].tolist())) == 1
+            np.testing.assert_array_equal(rows.reshape(-1)[lay.full_slot[:real]], np.arange(real))
+        elif name == "images":
+            assert lay.full_rows.size == 0 and lay.full_keys.shape[1] == p
+        else:  # the 5,120-patch image is too large for one segment: bands, narrower than P
+            assert lay.full_rows.size == 0 and 0 < lay.full_keys.shape[1] < p
+
+
 def _frames(n, h, w, seed=0, pairs=False):
     """uint8 [n, h, w, 3] frames: a photo with a square moving across it (in identical pairs)."""
     from conftest import photo
