@@ -120,19 +120,21 @@ def dense_windows(window: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray
     return _dense_runs(window, size, -(-(len(window) // size) * 5 // 4), 16)
 
 
-def dense_segments(segment: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def dense_segments(segment: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Full attention as a batch of equal segments (a video's frame pairs), as `dense_windows`;
-    the number of segments is a multiple of 4."""
-    return _dense_runs(segment, size, 0, 4)
+    S is the longest segment rounded up to a multiple of 32, the number of segments a multiple of 4."""
+    return _dense_runs(segment, None, 0, 4)
 
 
-def _dense_runs(ids: np.ndarray, size: int, count: int, multiple: int) -> tuple[np.ndarray, np.ndarray]:
+def _dense_runs(ids: np.ndarray, size: int | None, count: int, multiple: int) -> tuple[np.ndarray, np.ndarray]:
     """The runs of equal ids >= 0 as the rows of [count, size] (-1 where empty; `count` grows to
-    a multiple of `multiple` when there are more runs) and the flat slot of each row (0 for ids < 0)."""
+    a multiple of `multiple` when there are more runs; `size` None: the longest run rounded up to
+    a multiple of 32) and the flat slot of each row (0 for ids < 0)."""
     real = np.flatnonzero(ids >= 0)
     key = ids[real]
     starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
     lengths = np.diff(np.r_[starts, len(key)])
+    size = -(-int(lengths.max()) // 32) * 32 if size is None else size
     assert lengths.max() <= size, (lengths.max(), size)
     if len(starts) > count:
         count = -(-len(starts) // multiple) * multiple
@@ -155,12 +157,9 @@ def _full_attention_layout(full: np.ndarray, video: bool) -> tuple[np.ndarray, n
     none = np.zeros((0, 1), np.int32)
     keys = key_rows(full, None if video else len(full), QUERY_BLOCK, KEY_BUCKET)
     if video:
-        real = full[full >= 0]
-        lengths = np.diff(np.flatnonzero(np.r_[True, real[1:] != real[:-1], True]))
-        size = -(-int(lengths.max()) // 32) * 32
-        count = -(-len(lengths) // 4) * 4
-        if size * size <= SEGMENT_SCORES and count * size * size < keys.size * QUERY_BLOCK:
-            rows, slot = dense_segments(full, size)
+        rows, slot = dense_segments(full)
+        size = rows.shape[1]
+        if size * size <= SEGMENT_SCORES and rows.size * size < keys.size * QUERY_BLOCK:
             return none, rows, slot
     return keys, none, np.zeros(0, np.int32)
 
