@@ -97,26 +97,29 @@ def attend(
     s, kv_heads = k.shape[1], k.shape[2]
     g = n // kv_heads
     if t == 1:  # a single decode query: faster token-major, as is
-        q = q.reshape(b, t, kv_heads, g, h)
-        logits = jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * (h**-0.5)
+        logits = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, kv_heads, g, h), k,
+                            preferred_element_type=jnp.float32)
+        mask = None if mask is None else mask[:, None, None]
+    else:
+        # A prompt: heads-major operands with one batch axis (example x kv head; the query heads
+        # of a kv head stacked along the rows), so both matmuls are plain 3-D batched matmuls,
+        # which XLA:CPU runs faster than from the token-major layout (`benchmarks/attention.py`)
+        # and, in Qwen2.5-VL's vision tower (hundreds of windows a layer), than with 5-D operands.
+        q3 = jnp.transpose(q.reshape(b, t, kv_heads, g, h), (0, 2, 3, 1, 4)).reshape(b * kv_heads, g * t, h)
+        k, v = (jnp.swapaxes(a, 1, 2).reshape(b * kv_heads, s, h) for a in (k, v))
+        logits = jnp.einsum("bqh,bsh->bqs", q3, k, preferred_element_type=jnp.float32)
         if mask is not None:
-            logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
-        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
-        return out.astype(q.dtype).reshape(b, t, n, h)
-    # A prompt: heads-major operands with one batch axis (example x kv head; the query heads of a
-    # kv head stacked along the rows), so both matmuls are plain 3-D batched matmuls, which
-    # XLA:CPU runs faster than from the token-major layout (`benchmarks/attention.py`) and, in
-    # Qwen2.5-VL's vision tower (hundreds of windows a layer), than with 5-D operands.
-    q = jnp.transpose(q.reshape(b, t, kv_heads, g, h), (0, 2, 3, 1, 4)).reshape(b * kv_heads, g * t, h)
-    k, v = (jnp.swapaxes(a, 1, 2).reshape(b * kv_heads, s, h) for a in (k, v))
-    logits = jnp.einsum("bqh,bsh->bqs", q, k, preferred_element_type=jnp.float32) * (h**-0.5)
+            mask = jnp.broadcast_to(mask[:, None, None], (b, kv_heads, g, t, s)).reshape(b * kv_heads, g * t, s)
+    logits = logits * (h**-0.5)
     if mask is not None:
-        mask = jnp.broadcast_to(mask[:, None, None], (b, kv_heads, g, t, s)).reshape(b * kv_heads, g * t, s)
         logits = jnp.where(mask, logits, _MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bqs,bsh->bqh", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
-    return jnp.transpose(out.reshape(b, kv_heads, g, t, h), (0, 3, 1, 2, 4)).reshape(b, t, n, h)
+    if t == 1:
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v, preferred_element_type=jnp.float32)
+    else:
+        out = jnp.einsum("bqs,bsh->bqh", probs, v, preferred_element_type=jnp.float32)
+        out = jnp.transpose(out.reshape(b, kv_heads, g, t, h), (0, 3, 1, 2, 4))
+    return out.astype(q.dtype).reshape(b, t, n, h)
 
 
 def attend_causal(
