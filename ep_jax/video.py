@@ -120,9 +120,17 @@ def _check_size(label: str, n: int, height: int, width: int, fps: float, budget:
     need = n * height * width * 3
     if need > budget:
         raise ProcessingError(
-            f"{label}: {n} sampled frames of {width}x{height} need {need / 2**30:.1f} GiB of memory, more than "
-            f"the {budget / 2**30:.1f} GiB allowed; sample fewer frames (--fps below {fps:g}), cut the video "
-            "shorter or scale it down (e.g. ffmpeg -vf scale=-2:720)")
+            f"{label}: {n} sampled frames of {width}x{height} need {_bytes(need)} of memory, more than the "
+            f"{_bytes(budget)} allowed; sample fewer frames (--fps below {fps:g}), cut the video shorter or "
+            "scale it down (e.g. ffmpeg -vf scale=-2:720)")
+
+
+def _bytes(n: int) -> str:
+    """n bytes in the largest binary unit that keeps it >= 1 (KiB .. GiB), one decimal."""
+    for unit, shift in (("GiB", 30), ("MiB", 20)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n / 1024:.1f} KiB"
 
 
 # ---------------------------------------------------------------------- files (PyAV)
@@ -203,21 +211,21 @@ def _read_file(path: Path, limits: dict, budget: int) -> Video:
             raise ProcessingError(f"{str(path)!r} holds no video frames" if total == 0 else
                                   f"{str(path)!r} has no frame rate; extract its frames to a folder instead")
         rate = float(rate)
-        idx = sample_indices(total, rate, label=repr(str(path)), **limits)
-        height, width = stream.codec_context.height, stream.codec_context.width
-        _check_size(repr(str(path)), len(idx), height, width, limits["fps"], budget)
+        label = repr(str(path))
+        idx = sample_indices(total, rate, label=label, **limits)
+        header = (stream.codec_context.height, stream.codec_context.width)
+        _check_size(label, len(idx), *header, limits["fps"], budget)  # before anything is decoded
         wanted, frames, times, seen = set(idx.tolist()), None, [], 0
         try:
             for seen, frame in enumerate(container.decode(stream)):
                 if seen in wanted:
-                    if (frame.height, frame.width) != (height, width) and not times:
-                        height, width = frame.height, frame.width  # the stream's header was wrong
-                        _check_size(repr(str(path)), len(idx), height, width, limits["fps"], budget)
-                    if (frame.height, frame.width) != (height, width):
-                        raise ProcessingError(f"{str(path)!r} changes its frame size mid-stream; re-encode it at "
-                                              "one size")
+                    size = (frame.height, frame.width)
                     if frames is None:
-                        frames = np.empty((len(idx), height, width, 3), np.uint8)
+                        if size != header:  # the stream's header was wrong
+                            _check_size(label, len(idx), *size, limits["fps"], budget)
+                        frames = np.empty((len(idx), *size, 3), np.uint8)
+                    elif size != frames.shape[1:3]:
+                        raise ProcessingError(f"{label} changes its frame size mid-stream; re-encode it at one size")
                     frames[len(times)] = frame.to_ndarray(format="rgb24")
                     times.append(float(frame.time) if frame.time is not None else seen / rate)
                 if seen >= idx[-1]:

@@ -355,10 +355,11 @@ def test_only_sampled_frames_are_read_and_too_many_bytes_is_one_clear_error(tmp_
     path = write_mp4(tmp_path / "clip.mp4", frames)
     for src, kw in ((path, {}), (folder, dict(source_fps=4.0))):
         assert read_video(src, max_bytes=need, **kw).frames.shape == (6, 48, 64, 3)
-        with pytest.raises(ProcessingError, match=r"6 sampled frames of 64x48 need 0\.0 GiB of memory, more than "
-                                                  r"the 0\.0 GiB allowed; sample fewer frames \(--fps below 2\)"):
+        with pytest.raises(ProcessingError, match=r"6 sampled frames of 64x48 need 54\.0 KiB of memory, more than "
+                                                  r"the 54\.0 KiB allowed; sample fewer frames \(--fps below 2\)"):
             read_video(src, max_bytes=need - 1, **kw)
     assert video.default_max_bytes() > 0
+    assert (video._bytes(19 << 30), video._bytes(3 << 19)) == ("19.0 GiB", "1.5 MiB")
     PIL.Image.fromarray(frames[0][:40]).save(folder / "004.png")
     with pytest.raises(ProcessingError, match=r"frames of different sizes \(64x48, 64x40 in 004.png\)"):
         read_video(folder, fps=2.0, source_fps=4.0)
