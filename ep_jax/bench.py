@@ -25,10 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ep_jax.cli import run_cli
+from ep_jax.cli import add_mesh_argument, run_cli
 from ep_jax.errors import InputError
 from ep_jax.files import atomic_path, check_output_dir, write_text
-from ep_jax.runtime.sharding import add_mesh_argument, mesh_from_flag, parse_mesh
+from ep_jax.runtime.sharding import mesh_from_flag, parse_mesh
 from ep_jax.runtime.sharding import describe as describe_mesh
 
 METHODS = ("entropy", "fastv", "random", "pool")

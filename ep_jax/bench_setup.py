@@ -258,18 +258,13 @@ def random_model(cfg: LlavaConfig, dtype: str, seed: int = 0, layout: str = "aut
         key, sub = jax.random.split(key)
         return (0.02 * jax.random.normal(sub, leaf.shape, jnp.float32)).astype(jdtype)
 
-    def place(path, leaf):
-        value = fill(path, leaf)
-        return value if mesh is None else jax.device_put(value, _sharding(path, value, mesh))
+    if mesh is None:
+        params = jax.tree_util.tree_map_with_path(fill, abstract)
+    else:
+        from ep_jax.runtime.sharding import param_shardings
 
-    params = jax.tree_util.tree_map_with_path(place, abstract)
+        def place(path, leaf, sharding):  # each leaf on its shards as soon as it is made
+            return jax.device_put(fill(path, leaf), sharding)
+
+        params = jax.tree_util.tree_map_with_path(place, abstract, param_shardings(abstract, mesh))
     return from_params(family, cfg, params, jdtype, layout=layout, mesh=mesh)
-
-
-def _sharding(path, value, mesh):
-    from jax.sharding import NamedSharding
-
-    from ep_jax.runtime.sharding import param_spec
-
-    keys = tuple(getattr(k, "key", k) for k in path)
-    return NamedSharding(mesh, param_spec(keys, value.shape, mesh))

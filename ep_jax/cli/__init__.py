@@ -25,6 +25,13 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
 
 
+def add_mesh_argument(parser: argparse.ArgumentParser) -> None:
+    """The `--mesh` flag of the CLIs and benchmarks (read by `runtime.sharding.mesh_from_flag`)."""
+    parser.add_argument("--mesh", default=None, metavar="data=D,model=M",
+                        help="run on several devices: D-way data parallel x M-way tensor parallel "
+                             "(D x M = all devices; several hosts: see README 'Several devices')")
+
+
 def debug_enabled(args=None) -> bool:
     return bool(getattr(args, "debug", False)) or os.environ.get("EP_JAX_DEBUG", "") not in ("", "0")
 

@@ -13,10 +13,10 @@ from ep_jax.analysis.ecl import (
     DEFAULT_MIN_REL_DROP, DEFAULT_PROMPT, SOURCES, EclResult, EntropyProfile, find_ecl, profile_images,
 )
 from ep_jax.analysis.ecl_report import format_table, plot_profile
-from ep_jax.cli import run_cli
+from ep_jax.cli import add_mesh_argument, run_cli
 from ep_jax.errors import InputError
 from ep_jax.files import check_output_dir, write_text
-from ep_jax.runtime.sharding import add_mesh_argument, mesh_from_flag, parse_mesh
+from ep_jax.runtime.sharding import mesh_from_flag, parse_mesh
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(

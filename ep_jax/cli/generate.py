@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from ep_jax.cli import add_debug_flag, run_cli
+from ep_jax.cli import add_debug_flag, add_mesh_argument, run_cli
 from ep_jax.errors import InputError
 from ep_jax.files import check_output_file
 
@@ -45,9 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=["auto", "stacked", "per_layer"], default="auto",
                    help="decoder weights in memory: stacked (lax.scan, fast compile) or per_layer (unrolled, "
                         "faster CPU decode for large layers); auto picks per backend and size")
-    p.add_argument("--mesh", default=None, metavar="data=D,model=M",
-                   help="run on several devices: D-way data parallel x M-way tensor parallel (D x M = all devices; "
-                        "several hosts: see README 'Several devices')")
+    add_mesh_argument(p)
     p.add_argument("--template", default=None, help="chat template (default: the model preset's)")
     p.add_argument("--raw-prompt", action="store_true",
                    help="use the prompt as is (it must contain the image / video tokens)")

@@ -171,11 +171,6 @@ def mesh_from_flag(text: str | None) -> Mesh | None:
     return make_mesh(text)
 
 
-def add_mesh_argument(parser) -> None:
-    """The `--mesh` flag of the CLIs and benchmarks."""
-    parser.add_argument("--mesh", default=None, metavar="data=D,model=M",
-                        help="run on several devices: D-way data parallel x M-way tensor parallel "
-                             "(D x M = all devices; several hosts: see README 'Several devices')")
 
 
 def placement(model) -> dict[str, Any]:
