@@ -2,7 +2,7 @@
 EntropyPrune at the paper's budgets, for the large models on 8 x H100 (80 GB) and a TPU v5e-8
 (16 GB HBM per chip), under every (data, model) mesh of 8 devices.
 
-    python benchmarks/memory_plan.py [--batch 32] [--new-tokens 64] [--text-tokens 64] [--markdown]
+    python benchmarks/memory_plan.py [--batch 32] [--new-tokens 64] [--text-tokens 64]
 
 Shapes are the public config.json values of each checkpoint (below); K and the budgets come from
 the model presets (`models/*.json`, `ep_jax.presets`), R from `ep_jax.core.budget`, and which
@@ -17,7 +17,7 @@ import argparse
 import math
 from dataclasses import dataclass
 
-from ep_jax.core.budget import budget
+from ep_jax.core.budget import budget, ratio_budget
 from ep_jax.nn.partition import partition_spec
 from ep_jax.presets import get as get_preset
 from ep_jax.runtime.sharding import param_axes
@@ -113,8 +113,7 @@ def kept(m: Shapes, label: str) -> int:
     """R of one image under a budget label ("A=128": layer-averaged; "r=0.25": ratio of N)."""
     preset = get_preset(m.preset)
     if label.startswith("r="):
-        ratio = float(label[2:])
-        return int(round(m.visual_tokens * (m.layers * ratio - preset.prune_layer) / (m.layers - preset.prune_layer)))
+        return ratio_budget(float(label[2:]), m.layers, preset.prune_layer, m.visual_tokens)
     return budget(int(label[2:]), m.layers, preset.prune_layer, m.visual_tokens)
 
 
@@ -129,7 +128,7 @@ def kv_bytes(m: Shapes, mesh: dict, batch: int, text: int, new: int, keep: int |
     """KV cache per device: both segments (layers 0..K-1 over all tokens, K..L-1 over the kept)."""
     prompt = text + m.visual_tokens
     layer_k = get_preset(m.preset).prune_layer if keep is not None else m.layers
-    rows = [(layer_k, prompt + new), (m.layers - layer_k, prompt - m.visual_tokens + (keep or 0) + new)]
+    rows = [(layer_k, prompt + new), (m.layers - layer_k, text + (keep or 0) + new)]
     total = 0.0
     for layers, length in rows:
         shape = (layers, batch, length, m.kv_heads, m.head_dim)
@@ -146,8 +145,8 @@ def table(batch: int, text: int, new: int) -> list[dict]:
             row = {"model": m.preset, "mesh": f"data={data},model={model}", "params_total_gb": total / GB,
                    "params_gb": per / GB, "kv_full_gb": kv_bytes(m, mesh, batch, text, new, None) / GB}
             for label in budgets(m):
-                row[f"kv_{label}_gb"] = kv_bytes(m, mesh, batch, text, new, kept(m, label)) / GB
-                row[f"R_{label}"] = kept(m, label)
+                row[f"R_{label}"] = keep = kept(m, label)
+                row[f"kv_{label}_gb"] = kv_bytes(m, mesh, batch, text, new, keep) / GB
             rows.append(row)
     return rows
 
@@ -183,7 +182,7 @@ def main(argv=None) -> None:
             cells += [f"{row[f'kv_{lb}_gb']:.1f}" for lb in labels]
             cells += [verdict(row, cap) for cap in DEVICES.values()]
             print("| " + " | ".join(cells) + " |")
-        print(f"(parameters in all: {rows[[r['model'] for r in rows].index(m.preset)]['params_total_gb']:.1f} GB)\n")
+        print(f"(parameters in all: {param_bytes(m, {})[0] / GB:.1f} GB)\n")
 
 
 if __name__ == "__main__":
