@@ -8,6 +8,19 @@ from pathlib import Path
 import numpy as np
 
 
+def probe_hf_config(text_layers=8, hidden=512, vocab=32000) -> dict:
+    """The config.json of the probes' LLaVA: a small vision tower, a decoder of `text_layers`."""
+    return {
+        "model_type": "llava",
+        "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+        "text_config": {"model_type": "llama", "vocab_size": vocab, "hidden_size": hidden,
+                        "intermediate_size": 4 * hidden, "num_hidden_layers": text_layers,
+                        "num_attention_heads": 8, "num_key_value_heads": 8},
+        "image_token_index": 5,
+    }
+
+
 def write_random_checkpoint(dst: Path, text_layers=8, hidden=512, vocab=32000, shards=4):
     from safetensors.numpy import save_file
 
@@ -17,15 +30,7 @@ def write_random_checkpoint(dst: Path, text_layers=8, hidden=512, vocab=32000, s
     from ep_jax.config import LlavaConfig
     from ep_jax.families import get as get_family
 
-    hf_cfg = {
-        "model_type": "llava",
-        "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                          "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
-        "text_config": {"model_type": "llama", "vocab_size": vocab, "hidden_size": hidden,
-                        "intermediate_size": 4 * hidden, "num_hidden_layers": text_layers,
-                        "num_attention_heads": 8, "num_key_value_heads": 8},
-        "image_token_index": 5,
-    }
+    hf_cfg = probe_hf_config(text_layers, hidden, vocab)
     cfg = LlavaConfig.from_hf_dict(hf_cfg)
     _, state = abstract_model(get_family("llava"), cfg, np.float32)
     shapes = _shapes(state)

@@ -17,19 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from memprobe import PeakSampler, anon_rss_mib
-
-HF_CONFIG = {
-    "model_type": "llava",
-    "vision_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                      "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
-    "text_config": {"model_type": "llama", "vocab_size": 32000, "hidden_size": 512, "intermediate_size": 2048,
-                    "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 8},
-    "image_token_index": 5,
-}
+from memprobe import PeakSampler, anon_rss_mib, probe_hf_config
 
 
 def write(dst: Path) -> None:
+    import jax
     from flax import nnx
 
     from ep_jax import checkpoint
@@ -37,20 +29,12 @@ def write(dst: Path) -> None:
     from ep_jax.families import get as get_family
     from ep_jax.runtime.model import abstract_model
 
-    cfg = LlavaConfig.from_hf_dict(HF_CONFIG)
+    hf_config = probe_hf_config()
+    cfg = LlavaConfig.from_hf_dict(hf_config)
     _, state = abstract_model(get_family("llava"), cfg, np.float32)
     rng = np.random.default_rng(0)
-    params = {}
-
-    def fill(tree, out):
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                fill(value, out.setdefault(key, {}))
-            else:
-                out[key] = (0.02 * rng.standard_normal(value.shape, np.float32)).astype(np.float32)
-
-    fill(nnx.to_pure_dict(state), params)
-    checkpoint.save(cfg, params, dst, hf_config=HF_CONFIG, family="llava")
+    params = jax.tree.map(lambda a: 0.02 * rng.standard_normal(a.shape, np.float32), nnx.to_pure_dict(state))
+    checkpoint.save(cfg, params, dst, hf_config=hf_config, family="llava")
 
 
 def load(path: Path, mesh: str | None, naive: bool = False) -> dict:

@@ -2,7 +2,7 @@
 
 The mesh checks need 8 devices, which on CPU means XLA_FLAGS=--xla_force_host_platform_device_count=8
 before jax is imported, while the rest of the suite runs on one device in this process: they run
-in subprocesses (`mesh_worker.py`, `memprobe.py restore`) and the tests assert on their JSON.
+in subprocesses (`mesh_worker.py`, `restore_probe.py`) and the tests assert on their JSON.
 """
 
 from __future__ import annotations
