@@ -206,7 +206,8 @@ def build_tiny_llava_next(out_dir: Path, *, seed: int = 0, text: str = "llama", 
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(out_dir)
     image_token_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
-    extra = {"model_type": "mistral", "sliding_window": None} if text == "mistral" else {}
+    extra = {**cfg_kw.pop("text_extra", {}),
+             **({"model_type": "mistral", "sliding_window": None} if text == "mistral" else {})}
     cfg = tiny_config_dict(vocab_size=len(tok), image_token_id=image_token_id, pad_token_id=tok.pad_token_id,
                            text_extra=extra, **cfg_kw)
     cfg["model_type"] = "llava_next"

@@ -51,18 +51,8 @@ def build(family: str, work: Path):
     if family == "llava":  # 8 query heads over 4 kv heads: on model=8 the kv heads are replicated
         d, tm, _ = hf_tiny.build_tiny_llava(work / family, seed=5, text_extra={"num_attention_heads": 8})
     elif family == "llava_next":  # 8 query and 8 kv heads: everything splits on model=8
-        plain = hf_tiny.tiny_config_dict
-
-        def eight_heads(**kw):  # the builder passes its own text_extra
-            cfg = plain(**kw)
-            cfg["text_config"]["num_attention_heads"] = 8
-            return cfg
-
-        hf_tiny.tiny_config_dict = eight_heads
-        try:
-            d, tm, _ = hf_tiny.build_tiny_llava_next(work / family, seed=6, num_kv_heads=8)
-        finally:
-            hf_tiny.tiny_config_dict = plain
+        d, tm, _ = hf_tiny.build_tiny_llava_next(work / family, seed=6, num_kv_heads=8,
+                                                 text_extra={"num_attention_heads": 8})
     else:  # 4 heads, 2 kv heads: kv heads replicated on model=4 and 8, query heads on model=8
         d, tm = hf_tiny.build_tiny_qwen2_5_vl(work / family, seed=7)
     return d, tm
