@@ -115,11 +115,14 @@ def test_vision_attention_layouts_match_transformers(kind, full, qwen, monkeypat
     """Small query blocks and key buckets. Full attention by bands: each block of queries reads
     only the frame pairs it touches (batches with a video), W < P rows; or, for a batch with a
     video, by dense segments (each frame pair, or the image, against itself). Window attention
-    runs as a batch of equal windows. The logits still equal transformers'."""
+    runs as a batch of equal windows. On CPU, windows and segments go in small groups and the
+    blocks' MLPs in chunks of rows. The logits still equal transformers'."""
     from ep_jax.families.qwen2_5_vl import vision
 
     monkeypatch.setattr(vision, "QUERY_BLOCK", 128)
     monkeypatch.setattr(vision, "KEY_BUCKET", 64)
+    monkeypatch.setattr(vision, "ROW_CHUNK", 96)  # the blocks' MLPs in chunks of rows, the last one short
+    monkeypatch.setattr(vision, "CPU_GROUP_SCORES", 1024)  # attention in groups: 4 windows, 1 segment a group
     if full == "bands":
         monkeypatch.setattr(vision, "SEGMENT_SCORES", 0)
     _, tm, model = qwen
@@ -127,14 +130,15 @@ def test_vision_attention_layouts_match_transformers(kind, full, qwen, monkeypat
     ids, mask, types = _batch(rows)
     pixels = vis.pop("pixel_values", None)
     inputs, _ = model.family.inputs(model.config, ids, pixels, mask, **vis)
-    assert len(inputs["pixel_values"]) == 1024
     # patches before the padding (which reads slot 0)
     real = sum(int(np.prod(vis[k], 1).sum()) for k in ("video_grid_thw", "image_grid_thw") if k in vis)
+    padded = len(inputs["pixel_values"])  # a multiple of 256 with a video in the batch, of 1,024 without
+    assert padded == (1024 if kind == "image" else 256) and real <= padded
     windows = inputs["vision_window_rows"]  # dense windows of at most 16 patches (the tiny tower's)
-    assert windows.shape[1] == 16 and windows.shape[0] >= 1024 // 16
+    assert windows.shape[1] == 16 and windows.shape[0] >= padded // 16
     np.testing.assert_array_equal(windows.reshape(-1)[inputs["vision_window_slot"]][:real], np.arange(real))
     if full == "bands":
-        assert inputs["vision_full_keys"].shape == (8, {"two_videos": 192, "mixed": 192, "image": 1024}[kind])
+        assert inputs["vision_full_keys"].shape == (padded // 128, {"two_videos": 192, "mixed": 192, "image": 1024}[kind])
         assert inputs["vision_full_rows"].size == 0
     else:
         segments = inputs["vision_full_rows"]
@@ -158,6 +162,7 @@ def test_full_attention_layout_choice():
     from ep_jax.families.qwen2_5_vl.vision import layout, patch_bucket
 
     cfg = QwenVisionConfig()
+    assert patch_bucket(11520, video=True) == 11520 and patch_bucket(11520) == 12288  # 32 frames of 20 x 36
     cases = {"video": [(16, 20, 36)], "images": [(1, 64, 80), (1, 20, 36)],
              "video_and_big_image": [(1, 64, 80), (8, 20, 36)]}
     for name, grids in cases.items():

@@ -43,7 +43,7 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs) ->
     return create(rngs)
 
 
-def scan_layers(layers: nnx.Module, lo: int, hi: int, body, carry, xs=None, *, stack: bool = True):
+def scan_layers(layers: nnx.Module, lo: int, hi: int, body, carry, xs=None, *, stack: bool = True, offset=0):
     """Run `body(layer, carry, x) -> (carry, y)` over the layers `lo..hi-1`.
 
     Two weight layouts (`layout` of `Llava`):
@@ -56,9 +56,11 @@ def scan_layers(layers: nnx.Module, lo: int, hi: int, body, carry, xs=None, *, s
     `xs` is sliced along its leading axis (pass NumPy for Python-int steps in the loop). The
     `y`s come back stacked on a leading axis, or with `stack=False` in the per-layer layout as
     tuples of per-layer arrays (kept separate so each layer's KV cache is its own buffer);
-    `stack` may also be a tuple of bools, one per element of a tuple `y`.
+    `stack` may also be a tuple of bools, one per element of a tuple `y`. `offset` is added to
+    the layer indices: layers `lo + offset ..` (traced: stacked layout only).
     """
     if isinstance(layers, nnx.List):
+        lo, hi = lo + offset, hi + offset
         ys = []
         for j, i in enumerate(range(lo, hi)):
             carry, y = body(layers[i], carry, None if xs is None else jax.tree.map(lambda a: a[j], xs))
@@ -72,7 +74,7 @@ def scan_layers(layers: nnx.Module, lo: int, hi: int, body, carry, xs=None, *, s
         layer_state = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), state)
         return body(nnx.merge(graphdef, layer_state), carry, x)
 
-    return jax.lax.scan(step, carry, (jnp.arange(lo, hi), xs))
+    return jax.lax.scan(step, carry, (jnp.arange(lo, hi) + offset, xs))
 
 
 def _combine(ys: list, stack):

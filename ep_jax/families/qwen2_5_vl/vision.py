@@ -15,6 +15,12 @@ the windows as a batch of equal windows (`dense_windows`: each window's rows, at
 Qwen2.5-VL, so window attention costs 64 keys a query). P is padded to a bucket: padding
 patches never reach a real one and are never read back. The host and the graph read QUERY_BLOCK
 and SEGMENT_SCORES from this module at the same time: change them before preparing inputs.
+
+On CPU the graph is shaped for XLA:CPU's two-level parallelism (independent ops side by side on
+its threads, each op's data best kept in cache): attention segments go in small groups
+(CPU_GROUP_SCORES) and each block's MLP in chunks of ROW_CHUNK rows; the blocks run as a loop over
+the period of the window/full pattern (`block_runs`), so the graph holds one copy of each.
+`benchmarks/qwen_video_prefill.py` times the tower with each choice undone.
 """
 
 from __future__ import annotations
@@ -36,6 +42,12 @@ from ep_jax.nn.llama import MLP
 PATCH_BUCKET = 1024  # patches of a batch are padded to a multiple of this: 4 x the slot bucket (256
 # merged tokens), so both buckets change together (50 random photo sizes: 5 graphs, 26.5 % patch padding;
 # 256 would give 17 graphs and 5.9 %)
+VIDEO_PATCH_BUCKET = 256  # ... and of this when the batch holds a video: a video's graph is already one per
+# frame size (`dense_segments`' shape) and, from 1,024 patches a frame pair, one per frame-pair count, so the
+# finer bucket adds graphs only for smaller frames, and removes up to 768 padding patches
+CPU_GROUP_SCORES = 256 * 1024  # on CPU, segment attention runs in groups of at most this many scores per head
+# (64 windows, or one frame pair, a group; `segment_attention`), elsewhere of SEGMENT_SCORES
+ROW_CHUNK = 1024  # on CPU, a block's out-projection and MLP run in chunks of this many rows (`VisionBlock`)
 _PAD_SEGMENT = -1
 QUERY_BLOCK = 1024  # full attention runs queries in blocks of this many: scores [heads, block, W] at a time
 KEY_BUCKET = 1024  # a video batch's key band W is rounded up to a multiple of this (`key_rows`)
@@ -43,8 +55,10 @@ SEGMENT_SCORES = 4 * 1024 * 1024  # full attention by dense segments (`dense_seg
 # scores per head at a time (and segments of at most its square root, 2,048 patches)
 
 
-def patch_bucket(p: int, bucket: int | None = None) -> int:
-    bucket = PATCH_BUCKET if bucket is None else bucket
+def patch_bucket(p: int, bucket: int | None = None, *, video: bool = False) -> int:
+    """The padded patch count of a batch of `p` patches: a multiple of `bucket`, by default
+    PATCH_BUCKET, or VIDEO_PATCH_BUCKET for a batch with a video."""
+    bucket = bucket or (VIDEO_PATCH_BUCKET if video else PATCH_BUCKET)
     return max(bucket, -(-int(p) // bucket) * bucket)
 
 
@@ -227,6 +241,14 @@ class VisionBlock(nnx.Module):
         q, k, v = jnp.moveaxis(qkv.reshape(p, 3, self.num_heads, -1), 1, 0)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         out = attention(q, k, v).reshape(p, d)
+        chunk = ROW_CHUNK if jax.default_backend() == "cpu" else p
+        return jnp.concatenate([self._after_attention(x[i:i + chunk], out[i:i + chunk]) for i in range(0, p, chunk)])
+
+    def _after_attention(self, x: Float[Array, "p d"], out: Float[Array, "p d"]) -> Float[Array, "p d"]:
+        """Out-projection, residual, gated MLP: row by row, so on CPU they run in chunks of
+        ROW_CHUNK rows, which XLA:CPU runs side by side on its threads, each chunk's MLP
+        activations in cache: a faster tower than one [P, d] matmul each (timed by
+        `benchmarks/qwen_video_prefill.py`)."""
         x = x + dense(out, self.proj[...], "pd,de->pe") + self.proj_bias[...]
         return x + self.mlp(self.norm2(x)[None])[0]
 
@@ -252,10 +274,13 @@ def full_attention(q, k, v, segment: Int[Array, "p"], keys: Int[Array, "blocks w
 def segment_attention(q, k, v, rows: Int[Array, "n s"], slot: Int[Array, "p"]):
     """Attention within each segment (a window, or a frame pair in the full layers), as a batch
     of equal segments (`dense_windows`, `dense_segments`): q, k, v gathered into [n, S, ...],
-    empty slots masked out, the result read back by `slot`; at most SEGMENT_SCORES scores per
-    head at a time."""
+    empty slots masked out, the result read back by `slot`. The segments go in groups of at
+    most SEGMENT_SCORES scores per head, or on CPU CPU_GROUP_SCORES: XLA:CPU runs small groups
+    side by side on its threads with their scores in cache (timed by
+    `benchmarks/qwen_video_prefill.py`)."""
     size = rows.shape[1]
-    group = max(1, SEGMENT_SCORES // (size * size))
+    budget = CPU_GROUP_SCORES if jax.default_backend() == "cpu" else SEGMENT_SCORES
+    group = max(1, budget // (size * size))
     take = lambda a, r: jnp.take(a, jnp.maximum(r, 0), axis=0)  # noqa: E731
     out = []
     for i in range(0, rows.shape[0], group):
@@ -264,6 +289,21 @@ def segment_attention(q, k, v, rows: Int[Array, "n s"], slot: Int[Array, "p"]):
         o = attend(take(q, r), take(k, r), take(v, r), valid[:, :, None] & valid[:, None, :])
         out.append(o.reshape(-1, *o.shape[2:]))
     return jnp.take(jnp.concatenate(out) if len(out) > 1 else out[0], slot, axis=0)
+
+
+def block_runs(cfg: QwenVisionConfig, periodic: bool = True) -> tuple[list[tuple[int, int, bool]], int]:
+    """The blocks as runs of window layers and of full-attention layers, (lo, hi, full) each,
+    and how many times they repeat. `periodic`: the runs of the shortest period of the layer
+    pattern (Qwen2.5-VL: 7 window blocks and a full one, 4 times), so the graph holds one copy of
+    each run, looped over, and compiles about 2.5x faster on CPU; else all runs, once."""
+    flags = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
+    size = cfg.depth
+    if periodic:
+        size = next(s for s in range(1, cfg.depth + 1)
+                    if cfg.depth % s == 0 and np.array_equal(np.tile(flags[:s], cfg.depth // s), flags))
+    first = flags[:size]
+    edges = [0, *(np.flatnonzero(np.diff(first)) + 1).tolist(), size]
+    return [(lo, hi, bool(first[lo])) for lo, hi in zip(edges[:-1], edges[1:])], cfg.depth // size
 
 
 class VisionTower(nnx.Module):
@@ -290,15 +330,19 @@ class VisionTower(nnx.Module):
         angles = (pos.astype(jnp.float32)[..., None] * inv_freq).reshape(pos.shape[0], -1)  # [p, hd]: h then w
         angles = jnp.concatenate([angles, angles], -1)
         cos, sin = jnp.cos(angles), jnp.sin(angles)
-        flags = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
-        edges = [0, *np.flatnonzero(np.diff(flags)) + 1, cfg.depth]
         full = functools.partial(full_attention, segment=lay["full_segment"], keys=lay["full_keys"],
                                  rows=lay["full_rows"], slot=lay["full_slot"])
         window = functools.partial(segment_attention, rows=lay["window_rows"], slot=lay["window_slot"])
-        for lo, hi in zip(edges[:-1], edges[1:]):  # runs of window layers and of full layers
-            attention = full if flags[lo] else window
-            x, _ = scan_layers(self.blocks, int(lo), int(hi),
-                               lambda block, h, _, a=attention: (block(h, cos, sin, a), None), x)
+        runs, repeats = block_runs(cfg, periodic=not isinstance(self.blocks, nnx.List))  # a list: a Python loop
+
+        def period(x, start):
+            for lo, hi, is_full in runs:  # runs of window layers and of full layers
+                attention = full if is_full else window
+                x, _ = scan_layers(self.blocks, lo, hi, lambda block, h, _, a=attention: (block(h, cos, sin, a), None),
+                                   x, offset=start)
+            return x, None
+
+        x, _ = period(x, 0) if repeats == 1 else jax.lax.scan(period, x, jnp.arange(repeats) * runs[-1][1])
         h = self.merge_norm(x).reshape(-1, cfg.merge_unit * cfg.hidden_size)
         h = jax.nn.gelu(dense(h, self.merge1[...], "uc,ce->ue") + self.merge1_bias[...], approximate=False)
         return dense(h, self.merge2[...], "uc,co->uo") + self.merge2_bias[...]
