@@ -35,8 +35,12 @@ PRESET = "preset"
 # R_max (the static number of kept visual rows) is rounded up to a multiple of this when the
 # visual slots are bucketed, i.e. when N differs from image to image (LLaVA-NeXT).
 R_BUCKET = 32
-# Kept-row counts are rounded up to these when a batch mixes very different visual counts.
-KEPT_BUCKETS = (64, 128, 256, 384, 512, 640, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
+# Kept-row counts are rounded up to these when the visual slots are bucketed (the sequence holds
+# fewer visual tokens than slots) or a batch mixes very different visual counts: steps of R_BUCKET
+# up to 256 (a short pruned sequence, e.g. a video at 10 %: 221 rows run as 224, not 256), then
+# coarser, so a new image or video rarely compiles another graph.
+KEPT_BUCKETS = (*range(64, 256, R_BUCKET), 256, 320, 384, 448, 512, 640, 768, 1024, 1536, 2048, 3072, 4096,
+                6144, 8192)
 
 
 # ---------------------------------------------------------------------- pure functions
