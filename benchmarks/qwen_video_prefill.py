@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import statistics
 import sys
 import tempfile
@@ -38,6 +39,7 @@ from ep_jax import bench_setup
 from ep_jax.core import flops
 from ep_jax.core.budget import PruneConfig
 from ep_jax.families.qwen2_5_vl import FAMILY
+from ep_jax.families.qwen2_5_vl import vision as qwen_vision
 from ep_jax.families.qwen2_5_vl.processing import QwenImageProcessor, QwenProcessor
 from ep_jax.families.qwen2_5_vl.video_processing import QwenVideoProcessor
 from ep_jax.runtime import api
@@ -80,6 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = p.parse_args(argv)
+    os.environ["EP_JAX_COMPILATION_CACHE"] = "off"  # compile times as a first run's, not read from disk
     cfg = config(args.width)
     model = bench_setup.random_model(cfg, "float32", family=FAMILY)
     proc = QwenProcessor(qwen_prefill.build_tokenizer(), QwenImageProcessor(), video_processor=QwenVideoProcessor())
@@ -102,6 +105,7 @@ def main(argv=None) -> int:
     inputs = runs["unpruned"]["args"][1]
     vision_s = side_by_side.time_rounds(model, runs, encode, args.runs, vision=lambda: vision(model.state, inputs))
     decode = {name: decode_ms(model, enc, SETTINGS[name], args.decode_tokens) for name in ("unpruned", "entropy 10 %")}
+    towers = tower_variants(model, enc, args.runs)
 
     n, seq = runs["unpruned"]["n"], int(enc["attention_mask"].sum())
     rows = side_by_side.summary_rows(
@@ -115,6 +119,7 @@ def main(argv=None) -> int:
              f"{seq} tokens, K = {LAYER}, float32, median of {args.runs}.", "", *side_by_side.markdown_table(rows), "",
              *side_by_side.decoder_table(rows, vision_ms), "",
              *qwen_prefill.flops_lines(cfg, enc["video_grid_thw"], seq, n, rows), "",
+             *tower_lines(towers), "",
              f"Apart: reading and sampling the {video.num_frames} frames from the mp4 (PyAV) {read_ms:.0f} ms (not in "
              f"TTFT, which starts from the decoded frames); greedy decoding of {args.decode_tokens} tokens after the "
              "prefill: " + ", ".join(f"{k} {ms:.0f} ms ({1e3 * (args.decode_tokens - 1) / ms:.1f} tokens/s)"
@@ -123,8 +128,53 @@ def main(argv=None) -> int:
         f" --out {args.out}" if args.out else "")
     side_by_side.write_outputs(args.out, "Qwen2.5-VL video prefill, pruned vs unpruned", command, "\n".join(lines), {
         "n": n, "seq": seq, "grid": grid, "frames": video.num_frames, "read_ms": read_ms, "vision_ms": vision_ms,
-        "decode_ms": decode, "rows": rows})
+        "decode_ms": decode, "tower_ms": towers, "rows": rows})
     return 0
+
+
+TOWERS = {"as run": {}, "rows whole (no ROW_CHUNK)": {"ROW_CHUNK": 1 << 30},
+          "attention groups of SEGMENT_SCORES (not CPU_GROUP_SCORES)":
+              {"CPU_GROUP_SCORES": qwen_vision.SEGMENT_SCORES},
+          "patches padded to 1,024 (PATCH_BUCKET)": {"VIDEO_PATCH_BUCKET": qwen_vision.PATCH_BUCKET}}
+
+
+def tower_variants(model, enc, rounds: int) -> dict[str, dict]:
+    """The vision tower as run, against the same tower with each of three choices undone (settings
+    of `families/qwen2_5_vl/vision.py`, read when inputs are prepared and graphs traced), called
+    in turn `rounds` times after a warm-up: median ms and padded patches of each."""
+    fns = {}
+    for name, values in TOWERS.items():
+        saved = {k: getattr(qwen_vision, k) for k in values}
+        try:
+            for k, v in values.items():
+                setattr(qwen_vision, k, v)
+            inputs = api.prepare(model, enc["input_ids"], enc["pixel_values"], enc["attention_mask"],
+                                 **api.extra_arrays(enc))[0]
+            fn = jax.jit(lambda st, inputs: nnx.merge(model.graphdef, st).image_features(inputs))
+            t0 = time.perf_counter()
+            fns[name] = (fn.lower(model.state, inputs).compile(), inputs, time.perf_counter() - t0)
+        finally:
+            for k, v in saved.items():
+                setattr(qwen_vision, k, v)
+    times = {name: [] for name in fns}
+    for i in range(rounds + 1):
+        for name in list(fns)[i % len(fns):] + list(fns)[:i % len(fns)]:
+            fn, inputs, _ = fns[name]
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(model.state, inputs))
+            if i:
+                times[name].append(time.perf_counter() - t0)
+    return {name: {"ms": 1e3 * statistics.median(t), "patches": len(fns[name][1]["pixel_values"]),
+                   "compile_s": fns[name][2]} for name, t in times.items()}
+
+
+def tower_lines(towers: dict[str, dict]) -> list[str]:
+    base = towers["as run"]["ms"]
+    return ["The vision tower alone, as run and with each of three choices undone, called in turn (median; "
+            "settings of `families/qwen2_5_vl/vision.py`):", "",
+            "| tower | patches (padded) | ms | vs as run | compile s |", "|---|---:|---:|---:|---:|",
+            *(f"| {name} | {t['patches']} | {t['ms']:.0f} | {t['ms'] / base:.2f}x | {t['compile_s']:.1f} |"
+              for name, t in towers.items())]
 
 
 def decode_ms(model, enc, prune, tokens: int) -> float:
