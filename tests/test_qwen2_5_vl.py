@@ -212,6 +212,20 @@ def test_no_recompilation_for_a_new_image_of_the_same_bucket(qwen):
     assert compile_stats(model)["compiles"] == before
 
 
+def test_kept_rows_round_up_in_steps_of_32_below_256(qwen):
+    """Visual slots bucketed (N < n): the pruned sequence (text + R rows) runs padded to the next
+    of `api.KEPT_BUCKETS`, in steps of 32 below 256 (a video at 10 %: 221 rows run as 224)."""
+    _, _, model = qwen
+    ids, pixels, mask, grid = _encode(_images([(224, 224)]))  # N = 64
+    text = np.full((1, 150), 20)  # a long question before the image
+    ids, mask = np.concatenate([text, ids], 1), np.concatenate([np.ones_like(text), mask], 1)
+    _, spans, stage, extra = api.prepare(model, ids, pixels, mask, prune=PruneConfig(layer=1, keep_ratio=0.25),
+                                         image_grid_thw=grid)
+    need = int(mask.sum() - spans.counts()[0] + extra["keep"][0])
+    assert spans.num_slots > spans.counts()[0] and 64 < need < 256 and need % 32
+    assert ids.shape[1] > -(-need // 32) * 32 == stage.kept_len  # 192 (the buckets were 128, 256)
+
+
 def test_weights_export_to_the_hub_names_and_transformers5_layout_loads(qwen, tmp_path):
     from safetensors.numpy import load_file
 

@@ -6,7 +6,7 @@ visual spans (`inputs.py`).
 Static shapes: the batch's patches (images and video frames together) are padded to a multiple
 of `vision.PATCH_BUCKET` (1,024; `VIDEO_PATCH_BUCKET`, 256, when the batch holds a video), the
 visual slots n to a multiple of LLaVA-NeXT's `SLOT_BUCKET`
-(256 merged tokens: the same bucket); positions [3, b, s] are transformers' `get_rope_index`,
+(256 merged tokens: for images, the same bucket as their 1,024 patches); positions [3, b, s] are transformers' `get_rope_index`,
 computed on the host.
 """
 

@@ -40,13 +40,14 @@ from ep_jax.nn.layers import RMSNorm, attend, dense, param, scan_layers, stacked
 from ep_jax.nn.llama import MLP
 
 PATCH_BUCKET = 1024  # patches of a batch are padded to a multiple of this: 4 x the slot bucket (256
-# merged tokens), so both buckets change together (50 random photo sizes: 5 graphs, 26.5 % patch padding;
+# merged tokens), so for images both buckets change together (50 random photo sizes: 5 graphs, 26.5 % patch padding;
 # 256 would give 17 graphs and 5.9 %)
 VIDEO_PATCH_BUCKET = 256  # ... and of this when the batch holds a video: a video's graph is already one per
 # frame size (`dense_segments`' shape) and, from 1,024 patches a frame pair, one per frame-pair count, so the
 # finer bucket adds graphs only for smaller frames, and removes up to 768 padding patches
 CPU_GROUP_SCORES = 256 * 1024  # on CPU, segment attention runs in groups of at most this many scores per head
-# (64 windows, or one frame pair, a group; `segment_attention`), elsewhere of SEGMENT_SCORES
+# (64 windows a group; frame pairs of 512 patches or more one a group; `segment_attention`), elsewhere of
+# SEGMENT_SCORES
 ROW_CHUNK = 1024  # on CPU, a block's out-projection and MLP run in chunks of this many rows (`VisionBlock`)
 _PAD_SEGMENT = -1
 QUERY_BLOCK = 1024  # full attention runs queries in blocks of this many: scores [heads, block, W] at a time
@@ -96,7 +97,7 @@ class VisionLayout:
     pos: np.ndarray  # int32 [P, 2]: (h, w) rotary positions, window order
     full_segment: np.ndarray  # int32 [P]: image (video: temporal patch) of each row (< 0: padding)
     merged_row: np.ndarray  # int32 [tokens]: merged row of each visual token in image order
-    full_keys: np.ndarray  # int32 [P / QUERY_BLOCK, W]: the rows each block of queries attends over (full
+    full_keys: np.ndarray  # int32 [ceil(P / QUERY_BLOCK), W]: the rows each block of queries attends over (full
     # layers by bands; [0, 1] when they go by dense segments)
     full_rows: np.ndarray  # int32 [segments, S]: the rows of each segment (-1: empty; [0, 1] when by bands)
     full_slot: np.ndarray  # int32 [P]: where each row sits in full_rows, flattened ([0] when by bands)
@@ -295,7 +296,7 @@ def block_runs(cfg: QwenVisionConfig, periodic: bool = True) -> tuple[list[tuple
     """The blocks as runs of window layers and of full-attention layers, (lo, hi, full) each,
     and how many times they repeat. `periodic`: the runs of the shortest period of the layer
     pattern (Qwen2.5-VL: 7 window blocks and a full one, 4 times), so the graph holds one copy of
-    each run, looped over, and compiles about 2.5x faster on CPU; else all runs, once."""
+    each run, looped over, and compiles faster; else all runs, once."""
     flags = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
     size = cfg.depth
     if periodic:
