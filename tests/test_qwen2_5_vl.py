@@ -309,14 +309,13 @@ def test_block_runs_loop_over_the_period_of_the_layer_pattern():
     from ep_jax.families.qwen2_5_vl.config import QwenVisionConfig
     from ep_jax.families.qwen2_5_vl.vision import block_runs
 
-    def runs(depth, full, periodic=True):
-        return block_runs(QwenVisionConfig(depth=depth, fullatt_block_indexes=full), periodic)
+    def runs(depth, full):
+        return block_runs(QwenVisionConfig(depth=depth, fullatt_block_indexes=full))
 
     assert runs(32, (7, 15, 23, 31)) == ([(0, 7, False), (7, 8, True)], 4)  # every Qwen2.5-VL size
     assert runs(6, (1, 4)) == ([(0, 1, False), (1, 2, True), (2, 3, False)], 2)  # a run across the period's end
     assert runs(5, (1,)) == ([(0, 1, False), (1, 2, True), (2, 5, False)], 1)  # no period
     assert runs(4, ()) == ([(0, 1, False)], 4)
-    assert runs(32, (7, 15, 23, 31), periodic=False)[1] == 1 and len(runs(32, (7, 15, 23, 31), False)[0]) == 8
 
 
 def test_two_images_in_one_row_and_a_text_only_row(qwen):

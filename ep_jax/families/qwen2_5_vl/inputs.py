@@ -179,7 +179,7 @@ def model_inputs(cfg: Qwen25VLConfig, input_ids, pixel_values=None, attention_ma
         starts = {k: np.concatenate([[0], np.cumsum(np.prod(g, 1))]).astype(int) for k, g in grids.items()}
         pv = np.concatenate([pixels[k][starts[k][j]:starts[k][j + 1]] for k, j in order])
         batch_grids = np.stack([grids[k][j] for k, j in order])
-        padded = _vision.patch_bucket(len(pv), patch_bucket_size, video=any(k == VIDEO for k, _ in order))
+        padded = _vision.patch_bucket(len(pv), patch_bucket_size, video=_vision.has_frame_pairs(batch_grids))
         lay = _vision.layout(batch_grids, cfg.vision, padded)
         inputs["pixel_values"] = np.concatenate([pv, np.zeros((padded - len(pv), pv.shape[1]), pv.dtype)]).astype(dtype)
         inputs.update({f"vision_{f.name}": getattr(lay, f.name) for f in dataclasses.fields(lay)

@@ -42,9 +42,10 @@ from ep_jax.nn.llama import MLP
 PATCH_BUCKET = 1024  # patches of a batch are padded to a multiple of this: 4 x the slot bucket (256
 # merged tokens), so for images both buckets change together (50 random photo sizes: 5 graphs, 26.5 % patch padding;
 # 256 would give 17 graphs and 5.9 %)
-VIDEO_PATCH_BUCKET = 256  # ... and of this when the batch holds a video: a video's graph is already one per
-# frame size (`dense_segments`' shape) and, from 1,024 patches a frame pair, one per frame-pair count, so the
-# finer bucket adds graphs only for smaller frames, and removes up to 768 padding patches
+VIDEO_PATCH_BUCKET = 256  # ... and of this when the batch holds a video of several frame pairs
+# (`has_frame_pairs`): its graph is already one per frame size (`dense_segments`' shape) and, from 1,024
+# patches a frame pair, one per frame-pair count, so the finer bucket adds graphs only for smaller frames,
+# and removes up to 768 padding patches
 CPU_GROUP_SCORES = 256 * 1024  # on CPU, segment attention runs in groups of at most this many scores per head
 # (64 windows a group; frame pairs of 512 patches or more one a group; `segment_attention`), elsewhere of
 # SEGMENT_SCORES
@@ -58,12 +59,18 @@ SEGMENT_SCORES = 4 * 1024 * 1024  # full attention by dense segments (`dense_seg
 
 def patch_bucket(p: int, bucket: int | None = None, *, video: bool = False) -> int:
     """The padded patch count of a batch of `p` patches: a multiple of `bucket`, by default
-    PATCH_BUCKET, or VIDEO_PATCH_BUCKET for a batch with a video."""
+    PATCH_BUCKET, or VIDEO_PATCH_BUCKET for a batch with a video (`has_frame_pairs`)."""
     bucket = bucket or (VIDEO_PATCH_BUCKET if video else PATCH_BUCKET)
     return max(bucket, -(-int(p) // bucket) * bucket)
 
 
 # ---------------------------------------------------------------------- host side
+def has_frame_pairs(grids) -> bool:
+    """Whether a batch (grid_thw [i, 3]) holds a video of more than one temporal patch: its
+    full-attention layers see each frame pair alone, and its patches take VIDEO_PATCH_BUCKET."""
+    return any(int(g[0]) > 1 for g in grids)
+
+
 def window_index(grid_thw, cfg: QwenVisionConfig) -> tuple[np.ndarray, np.ndarray]:
     """transformers' `get_vision_window_index` for one image: (merge-unit order [t*h*w/4],
     window id of each merge unit in that order)."""
@@ -199,8 +206,7 @@ def layout(grids, cfg: QwenVisionConfig, padded: int) -> VisionLayout:
     cat = lambda parts, fill: np.concatenate(parts + [fill]).astype(np.int32)  # noqa: E731
     alone = _PAD_SEGMENT - np.arange(pad)  # each padding row its own segment: attends to itself, never read back
     full, window = cat(full, alone), cat(window, alone)
-    video = any(int(g[0]) > 1 for g in grids)
-    full_keys, full_rows, full_slot = _full_attention_layout(full, video)
+    full_keys, full_rows, full_slot = _full_attention_layout(full, has_frame_pairs(grids))
     window_rows, window_slot = dense_windows(window, (cfg.window_size // cfg.patch_size) ** 2)
     return VisionLayout(
         perm=cat(perm, np.arange(patches, padded)),
@@ -216,6 +222,11 @@ def layout(grids, cfg: QwenVisionConfig, padded: int) -> VisionLayout:
 
 
 # ---------------------------------------------------------------------- graph
+def _on_cpu() -> bool:
+    """Whether the graph is shaped for XLA:CPU (CPU_GROUP_SCORES, ROW_CHUNK; see the module docstring)."""
+    return jax.default_backend() == "cpu"
+
+
 def _rotate(x: Float[Array, "p n h"], cos: Float[Array, "p h"], sin: Float[Array, "p h"]) -> Float[Array, "p n h"]:
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
@@ -242,7 +253,7 @@ class VisionBlock(nnx.Module):
         q, k, v = jnp.moveaxis(qkv.reshape(p, 3, self.num_heads, -1), 1, 0)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         out = attention(q, k, v).reshape(p, d)
-        chunk = ROW_CHUNK if jax.default_backend() == "cpu" else p
+        chunk = ROW_CHUNK if _on_cpu() else p
         return jnp.concatenate([self._after_attention(x[i:i + chunk], out[i:i + chunk]) for i in range(0, p, chunk)])
 
     def _after_attention(self, x: Float[Array, "p d"], out: Float[Array, "p d"]) -> Float[Array, "p d"]:
@@ -280,7 +291,7 @@ def segment_attention(q, k, v, rows: Int[Array, "n s"], slot: Int[Array, "p"]):
     side by side on its threads with their scores in cache (timed by
     `benchmarks/qwen_video_prefill.py`)."""
     size = rows.shape[1]
-    budget = CPU_GROUP_SCORES if jax.default_backend() == "cpu" else SEGMENT_SCORES
+    budget = CPU_GROUP_SCORES if _on_cpu() else SEGMENT_SCORES
     group = max(1, budget // (size * size))
     take = lambda a, r: jnp.take(a, jnp.maximum(r, 0), axis=0)  # noqa: E731
     out = []
@@ -292,16 +303,14 @@ def segment_attention(q, k, v, rows: Int[Array, "n s"], slot: Int[Array, "p"]):
     return jnp.take(jnp.concatenate(out) if len(out) > 1 else out[0], slot, axis=0)
 
 
-def block_runs(cfg: QwenVisionConfig, periodic: bool = True) -> tuple[list[tuple[int, int, bool]], int]:
-    """The blocks as runs of window layers and of full-attention layers, (lo, hi, full) each,
-    and how many times they repeat. `periodic`: the runs of the shortest period of the layer
-    pattern (Qwen2.5-VL: 7 window blocks and a full one, 4 times), so the graph holds one copy of
-    each run, looped over, and compiles faster; else all runs, once."""
+def block_runs(cfg: QwenVisionConfig) -> tuple[list[tuple[int, int, bool]], int]:
+    """The runs of window layers and of full-attention layers, (lo, hi, full) each, of the
+    shortest period of the blocks' pattern (Qwen2.5-VL: 7 window blocks and a full one), and how
+    many times that period repeats (4): the graph holds one copy of each run, looped over, and
+    compiles faster than with every run written out."""
     flags = np.isin(np.arange(cfg.depth), cfg.fullatt_block_indexes)
-    size = cfg.depth
-    if periodic:
-        size = next(s for s in range(1, cfg.depth + 1)
-                    if cfg.depth % s == 0 and np.array_equal(np.tile(flags[:s], cfg.depth // s), flags))
+    size = next(s for s in range(1, cfg.depth + 1)
+                if cfg.depth % s == 0 and np.array_equal(np.tile(flags[:s], cfg.depth // s), flags))
     first = flags[:size]
     edges = [0, *(np.flatnonzero(np.diff(first)) + 1).tolist(), size]
     return [(lo, hi, bool(first[lo])) for lo, hi in zip(edges[:-1], edges[1:])], cfg.depth // size
@@ -334,7 +343,7 @@ class VisionTower(nnx.Module):
         full = functools.partial(full_attention, segment=lay["full_segment"], keys=lay["full_keys"],
                                  rows=lay["full_rows"], slot=lay["full_slot"])
         window = functools.partial(segment_attention, rows=lay["window_rows"], slot=lay["window_slot"])
-        runs, repeats = block_runs(cfg, periodic=not isinstance(self.blocks, nnx.List))  # a list: a Python loop
+        runs, repeats = block_runs(cfg)
 
         def period(x, start):
             for lo, hi, is_full in runs:  # runs of window layers and of full layers
