@@ -307,7 +307,8 @@ def _abandoned_reads_quiet():
         code = getattr(unraisable.object, "cr_code", None)
         closed_loop = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
             unraisable.exc_value)
-        if closed_loop or (code is not None and "orbax" in code.co_filename):
+        interrupt = isinstance(unraisable.exc_value, KeyboardInterrupt)  # a Ctrl-C: never dropped here
+        if not interrupt and (closed_loop or (code is not None and "orbax" in code.co_filename)):
             return
         previous(unraisable)
 

@@ -220,3 +220,20 @@ def test_ctrl_c_during_a_checkpoint_restore_is_an_interrupt():
     r = subprocess.run([sys.executable, "-c", _INTERRUPTED_LOADS], capture_output=True, text=True, cwd=ROOT,
                        timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert r.stdout.strip().splitlines()[-1:] == ["interrupted 20 other 0"], (r.stdout, r.stderr[-2000:])
+
+
+def test_a_ctrl_c_in_an_orbax_finalizer_is_not_dropped_as_an_abandoned_read(monkeypatch):
+    """Around a restore, unraisable errors of orbax's abandoned reads are dropped; a Ctrl-C that
+    lands in one of its coroutines' finalizers still reaches the hook before it (the one that
+    delivers it again to the main code)."""
+    import types
+
+    from ep_jax import checkpoint
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(type(u.exc_value).__name__))
+    orbax_code = types.SimpleNamespace(co_filename="/site-packages/orbax/checkpoint/restore.py")
+    for exc in (KeyboardInterrupt(), RuntimeError("boom")):
+        with checkpoint._abandoned_reads_quiet():
+            sys.unraisablehook(types.SimpleNamespace(exc_value=exc, object=types.SimpleNamespace(cr_code=orbax_code)))
+    assert seen == ["KeyboardInterrupt"]
