@@ -135,11 +135,12 @@ def main(argv=None) -> int:
 TOWERS = {"as run": {}, "rows whole (no ROW_CHUNK)": {"ROW_CHUNK": 1 << 30},
           "attention groups of SEGMENT_SCORES (not CPU_GROUP_SCORES)":
               {"CPU_GROUP_SCORES": qwen_vision.SEGMENT_SCORES},
-          "patches padded to 1,024 (PATCH_BUCKET)": {"VIDEO_PATCH_BUCKET": qwen_vision.PATCH_BUCKET}}
+          "patches padded to 1,024 (PATCH_BUCKET)": {"VIDEO_PATCH_BUCKET": qwen_vision.PATCH_BUCKET},
+          "q and k rotated before the gathers (no ROTATE_IN_GROUPS)": {"ROTATE_IN_GROUPS": False}}
 
 
 def tower_variants(model, enc, rounds: int) -> dict[str, dict]:
-    """The vision tower as run, against the same tower with each of three choices undone (settings
+    """The vision tower as run, against the same tower with each of its choices undone (settings
     of `families/qwen2_5_vl/vision.py`, read when inputs are prepared and graphs traced), called
     in turn `rounds` times after a warm-up: median ms and padded patches of each."""
     fns = {}
@@ -170,7 +171,7 @@ def tower_variants(model, enc, rounds: int) -> dict[str, dict]:
 
 def tower_lines(towers: dict[str, dict]) -> list[str]:
     base = towers["as run"]["ms"]
-    return ["The vision tower alone, as run and with each of three choices undone, called in turn (median; "
+    return ["The vision tower alone, as run and with each of four choices undone, called in turn (median; "
             "settings of `families/qwen2_5_vl/vision.py`):", "",
             "| tower | patches (padded) | ms | vs as run | compile s |", "|---|---:|---:|---:|---:|",
             *(f"| {name} | {t['patches']} | {t['ms']:.0f} | {t['ms'] / base:.2f}x | {t['compile_s']:.1f} |"

@@ -109,16 +109,19 @@ def test_logits_and_positions_match_transformers(kind, qwen):
     np.testing.assert_array_equal(spans.counts(), (types > 0).sum(1))
 
 
-@pytest.mark.parametrize("kind,full", [("two_videos", "bands"), ("mixed", "bands"), ("image", "bands"),
-                                       ("two_videos", "segments"), ("mixed", "segments")])
-def test_vision_attention_layouts_match_transformers(kind, full, qwen, monkeypatch):
+@pytest.mark.parametrize("kind,full,rotate_in_groups", [
+    ("two_videos", "bands", True), ("mixed", "bands", True), ("image", "bands", True),
+    ("two_videos", "segments", True), ("mixed", "segments", True), ("mixed", "segments", False)])
+def test_vision_attention_layouts_match_transformers(kind, full, rotate_in_groups, qwen, monkeypatch):
     """Small query blocks and key buckets. Full attention by bands: each block of queries reads
     only the frame pairs it touches (batches with a video), W < P rows; or, for a batch with a
     video, by dense segments (each frame pair, or the image, against itself). Window attention
     runs as a batch of equal windows. On CPU, windows and segments go in small groups and the
-    blocks' MLPs in chunks of rows. The logits still equal transformers'."""
+    blocks' MLPs in chunks of rows; each group rotates its own q and k rows (or, undone, every
+    row is rotated first). The logits still equal transformers'."""
     from ep_jax.families.qwen2_5_vl import vision
 
+    monkeypatch.setattr(vision, "ROTATE_IN_GROUPS", rotate_in_groups)
     monkeypatch.setattr(vision, "QUERY_BLOCK", 96)  # not a divisor of P: the last block of queries is short
     monkeypatch.setattr(vision, "KEY_BUCKET", 64)
     monkeypatch.setattr(vision, "ROW_CHUNK", 96)  # the blocks' MLPs in chunks of rows, the last one short
@@ -126,6 +129,8 @@ def test_vision_attention_layouts_match_transformers(kind, full, qwen, monkeypat
     if full == "bands":
         monkeypatch.setattr(vision, "SEGMENT_SCORES", 0)
     _, tm, model = qwen
+    # the settings above shape the graph, not only its inputs: no program compiled under others
+    monkeypatch.setattr(model, "compiled", {})
     rows, vis = _case(kind)
     ids, mask, types = _batch(rows)
     pixels = vis.pop("pixel_values", None)

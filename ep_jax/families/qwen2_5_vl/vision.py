@@ -18,7 +18,8 @@ and SEGMENT_SCORES from this module at the same time: change them before prepari
 
 On CPU the graph is shaped for XLA:CPU's two-level parallelism (independent ops side by side on
 its threads, each op's data best kept in cache): attention segments go in small groups
-(CPU_GROUP_SCORES) and each block's MLP in chunks of ROW_CHUNK rows; the blocks run as a loop over
+(CPU_GROUP_SCORES) and each block's MLP in chunks of ROW_CHUNK rows. On every backend each group
+of segments rotates its own rows of q and k (ROTATE_IN_GROUPS), and the blocks run as a loop over
 the period of the window/full pattern (`block_runs`), so the graph holds one copy of each.
 `benchmarks/qwen_video_prefill.py` times the tower with each choice undone.
 """
@@ -49,6 +50,7 @@ VIDEO_PATCH_BUCKET = 256  # ... and of this when the batch holds a video of seve
 CPU_GROUP_SCORES = 256 * 1024  # on CPU, segment attention runs in groups of at most this many scores per head
 # (64 windows a group; frame pairs of 512 patches or more one a group; `segment_attention`), elsewhere of
 # SEGMENT_SCORES
+ROTATE_IN_GROUPS = True  # segment attention rotates q and k group by group, after gathering them (`segment_attention`)
 ROW_CHUNK = 1024  # on CPU, a block's out-projection and MLP run in chunks of this many rows (`VisionBlock`)
 _PAD_SEGMENT = -1
 QUERY_BLOCK = 1024  # full attention runs queries in blocks of this many: scores [heads, block, W] at a time
@@ -227,11 +229,12 @@ def _on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def _rotate(x: Float[Array, "p n h"], cos: Float[Array, "p h"], sin: Float[Array, "p h"]) -> Float[Array, "p n h"]:
+def _rotate(x: Float[Array, "... n h"], cos: Float[Array, "... h"], sin: Float[Array, "... h"]) -> Float[Array, "... n h"]:
+    """The 2-D rotary embedding of rows x (every head), with each row's own cos and sin."""
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], -1)
-    return (x32 * cos[:, None] + rotated * sin[:, None]).astype(x.dtype)
+    return (x32 * cos[..., None, :] + rotated * sin[..., None, :]).astype(x.dtype)
 
 
 class VisionBlock(nnx.Module):
@@ -246,13 +249,13 @@ class VisionBlock(nnx.Module):
                          hidden_act=cfg.hidden_act)
         self.mlp = MLP(mlp, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: Float[Array, "p d"], cos, sin, attention) -> Float[Array, "p d"]:
-        """`attention(q, k, v) -> out`, each [p, heads, head_dim]: `full_attention` or `segment_attention`."""
+    def __call__(self, x: Float[Array, "p d"], rope, attention) -> Float[Array, "p d"]:
+        """`attention(q, k, v, rope) -> out`, each [p, heads, head_dim], q and k not yet rotated
+        (`rope`: (cos, sin) [p, head_dim]): `full_attention` or `segment_attention`."""
         p, d = x.shape
         qkv = dense(self.norm1(x), self.qkv[...], "pd,de->pe") + self.qkv_bias[...]
         q, k, v = jnp.moveaxis(qkv.reshape(p, 3, self.num_heads, -1), 1, 0)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        out = attention(q, k, v).reshape(p, d)
+        out = attention(q, k, v, rope).reshape(p, d)
         chunk = ROW_CHUNK if _on_cpu() else p
         return jnp.concatenate([self._after_attention(x[i:i + chunk], out[i:i + chunk]) for i in range(0, p, chunk)])
 
@@ -265,14 +268,15 @@ class VisionBlock(nnx.Module):
         return x + self.mlp(self.norm2(x)[None])[0]
 
 
-def full_attention(q, k, v, segment: Int[Array, "p"], keys: Int[Array, "blocks w"],
+def full_attention(q, k, v, rope, segment: Int[Array, "p"], keys: Int[Array, "blocks w"],
                    rows: Int[Array, "n s"], slot: Int[Array, "p"]):
     """Attention within segments (an image, a video's frame pair). By dense segments when the
-    layout gives them (`rows` not empty: `segment_attention`); else queries in blocks of
-    QUERY_BLOCK, block j against its band of key rows `keys[j]` (contiguous: `key_rows`), read as
-    a slice; a band of every row is the array itself."""
+    layout gives them (`rows` not empty: `segment_attention`); else q and k rotated by `rope`,
+    and queries in blocks of QUERY_BLOCK, block j against its band of key rows `keys[j]`
+    (contiguous: `key_rows`), read as a slice; a band of every row is the array itself."""
     if rows.shape[0]:
-        return segment_attention(q, k, v, rows, slot)
+        return segment_attention(q, k, v, rope, rows, slot)
+    q, k = _rotate(q, *rope), _rotate(k, *rope)
     p, width = q.shape[0], keys.shape[1]
     out = []
     for j, i in enumerate(range(0, p, QUERY_BLOCK)):
@@ -283,13 +287,17 @@ def full_attention(q, k, v, segment: Int[Array, "p"], keys: Int[Array, "blocks w
     return jnp.concatenate(out, axis=1)[0]
 
 
-def segment_attention(q, k, v, rows: Int[Array, "n s"], slot: Int[Array, "p"]):
+def segment_attention(q, k, v, rope, rows: Int[Array, "n s"], slot: Int[Array, "p"]):
     """Attention within each segment (a window, or a frame pair in the full layers), as a batch
     of equal segments (`dense_windows`, `dense_segments`): q, k, v gathered into [n, S, ...],
     empty slots masked out, the result read back by `slot`. The segments go in groups of at
     most SEGMENT_SCORES scores per head, or on CPU CPU_GROUP_SCORES: XLA:CPU runs small groups
-    side by side on its threads with their scores in cache (timed by
-    `benchmarks/qwen_video_prefill.py`)."""
+    side by side on its threads with their scores in cache. Each group rotates its own rows of q
+    and k (`rope`: (cos, sin) gathered with them), so the rotation, too, runs group by group,
+    side by side, where it otherwise ran on every row before the gathers (`ROTATE_IN_GROUPS`;
+    both timed by `benchmarks/qwen_video_prefill.py`)."""
+    if not ROTATE_IN_GROUPS:
+        q, k = _rotate(q, *rope), _rotate(k, *rope)
     size = rows.shape[1]
     budget = CPU_GROUP_SCORES if _on_cpu() else SEGMENT_SCORES
     group = max(1, budget // (size * size))
@@ -298,7 +306,11 @@ def segment_attention(q, k, v, rows: Int[Array, "n s"], slot: Int[Array, "p"]):
     for i in range(0, rows.shape[0], group):
         r = rows[i:i + group]
         valid = r >= 0
-        o = attend(take(q, r), take(k, r), take(v, r), valid[:, :, None] & valid[:, None, :])
+        qr, kr = take(q, r), take(k, r)
+        if ROTATE_IN_GROUPS:
+            cos, sin = take(rope[0], r), take(rope[1], r)
+            qr, kr = _rotate(qr, cos, sin), _rotate(kr, cos, sin)
+        o = attend(qr, kr, take(v, r), valid[:, :, None] & valid[:, None, :])
         out.append(o.reshape(-1, *o.shape[2:]))
     return jnp.take(jnp.concatenate(out) if len(out) > 1 else out[0], slot, axis=0)
 
@@ -339,7 +351,7 @@ class VisionTower(nnx.Module):
         pos = lay["pos"]
         angles = (pos.astype(jnp.float32)[..., None] * inv_freq).reshape(pos.shape[0], -1)  # [p, hd]: h then w
         angles = jnp.concatenate([angles, angles], -1)
-        cos, sin = jnp.cos(angles), jnp.sin(angles)
+        rope = jnp.cos(angles), jnp.sin(angles)
         full = functools.partial(full_attention, segment=lay["full_segment"], keys=lay["full_keys"],
                                  rows=lay["full_rows"], slot=lay["full_slot"])
         window = functools.partial(segment_attention, rows=lay["window_rows"], slot=lay["window_slot"])
@@ -348,7 +360,7 @@ class VisionTower(nnx.Module):
         def period(x, start):
             for lo, hi, is_full in runs:  # runs of window layers and of full layers
                 attention = full if is_full else window
-                x, _ = scan_layers(self.blocks, lo, hi, lambda block, h, _, a=attention: (block(h, cos, sin, a), None),
+                x, _ = scan_layers(self.blocks, lo, hi, lambda block, h, _, a=attention: (block(h, rope, a), None),
                                    x, offset=start)
             return x, None
 
