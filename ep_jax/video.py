@@ -2,8 +2,9 @@
 
 - Files (mp4, webm, mkv, gif, anything FFmpeg reads) are decoded with PyAV (`av`, imported only
   when a file is read). A missing file, a file that is not a video (FFmpeg cannot open it, or it
-  has no video stream), a truncated or damaged file (FFmpeg stops before the frames it announced)
-  and a video with fewer than 2 frames are refused with one `ProcessingError` naming the file.
+  has no video stream), a truncated or damaged file (FFmpeg stops before the frames it announced,
+  or an mkv/webm's segment runs past the end of the file) and a video with fewer than 2 frames
+  are refused with one `ProcessingError` naming the file.
 - A folder of frames: its image files in name order, read with `ep_jax.image_files.load_image`,
   all of one size; an array [T, H, W, 3] (uint8, or anything `load_image` takes per frame). Both
   are taken as frames `source_fps` apart (default: the sampling rate, i.e. every frame is used).
@@ -186,6 +187,43 @@ def _mp4_problem(path: Path) -> str | None:
     return f"{str(path)!r} holds no video frames"
 
 
+_EBML, _SEGMENT = 0x1A45DFA3, 0x18538067  # Matroska/WebM: the EBML header's and the Segment's element IDs
+
+
+def _matroska_problem(path: Path) -> str | None:
+    """A Matroska/WebM file (mkv, webm) whose Segment runs past the end of the file, by the size
+    its header declares: truncated. FFmpeg reads such a file up to where it stops, as a shorter
+    video, and these files announce no frame count to compare with. None for other files and for
+    a Segment of unknown size (a live recording)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4096)
+
+    def vint(at: int, keep_marker: bool) -> tuple[int, int, bool]:
+        """(value, next offset, all value bits set) of the EBML variable-length integer at `at`."""
+        if at >= len(head) or head[at] == 0:
+            raise ValueError
+        n = 9 - head[at].bit_length()  # 1..8 bytes: the position of the first set bit
+        if at + n > len(head):
+            raise ValueError
+        raw = int.from_bytes(head[at:at + n], "big")
+        value = raw if keep_marker else raw & ((1 << (7 * n)) - 1)
+        return value, at + n, value == (1 << (7 * n)) - 1
+
+    try:
+        ident, at, _ = vint(0, True)
+        if ident != _EBML:
+            return None
+        length, at, _ = vint(at, False)
+        ident, at, _ = vint(at + length, True)
+        length, at, unknown = vint(at, False)
+    except ValueError:
+        return None
+    if ident != _SEGMENT or unknown or at + length <= size:
+        return None
+    return f"{str(path)!r} is truncated: its Matroska segment needs {at + length} bytes but the file has {size}"
+
+
 def _count_frames(path: Path) -> int:
     """Frames in the file: the stream header's count, else its video packets (demuxed, not decoded)."""
     import av
@@ -203,6 +241,9 @@ def _count_frames(path: Path) -> int:
 def _read_file(path: Path, limits: dict, budget: int) -> Video:
     import av
 
+    problem = _matroska_problem(path)
+    if problem:
+        raise ProcessingError(problem)
     total = _count_frames(path)
     with _open(path) as container:
         stream = container.streams.video[0]

@@ -308,11 +308,12 @@ def test_other_methods_prune_across_frames(qwen):
 
 
 # ---------------------------------------------------------------------- reading and sampling
-def write_mp4(path, frames, fps=4):
+def write_mp4(path, frames, fps=4, codec="mpeg4"):
+    """`frames` written with PyAV into the container `path`'s suffix names (mp4, mkv, webm, ...)."""
     import av
 
     with av.open(str(path), "w") as c:
-        s = c.add_stream("mpeg4", rate=fps)
+        s = c.add_stream(codec, rate=fps)
         s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         s.codec_context.options = {"qscale": "1"}
         for f in frames:
@@ -401,6 +402,21 @@ def _bad_video(case, tmp_path):
 def test_bad_video_files_are_one_clear_error(case, message, tmp_path):
     with pytest.raises(ProcessingError, match=message):
         read_video(_bad_video(case, tmp_path))
+
+
+@pytest.mark.parametrize("suffix,codec", [("mkv", "mpeg4"), ("webm", "libvpx")])
+def test_a_truncated_mkv_or_webm_is_an_error_not_a_shorter_video(suffix, codec, tmp_path):
+    """mkv and webm announce no frame count, so FFmpeg reads a cut file as a shorter video; the
+    size their segment declares runs past the end of the file instead."""
+    path = write_mp4(tmp_path / f"clip.{suffix}", _frames(12, 48, 64), codec=codec)
+    assert read_video(path, fps=4.0).num_frames == 12
+    data = path.read_bytes()
+    cut = tmp_path / f"cut.{suffix}"
+    for keep in (len(data) - 16, len(data) // 2, 300):
+        cut.write_bytes(data[:keep])
+        with pytest.raises(ProcessingError, match=rf"cut\.{suffix}' is truncated: its Matroska segment needs "
+                                                  rf"{len(data)} bytes but the file has {keep}$"):
+            read_video(cut)
 
 
 # ---------------------------------------------------------------------- CLI
