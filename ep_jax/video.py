@@ -100,7 +100,11 @@ def read_video(src: Any, *, fps: float = DEFAULT_FPS, min_frames: int = MIN_FRAM
                                        read_s=time.perf_counter() - t0)
         if not path.exists():
             raise ProcessingError(f"video file not found: {str(path)!r}")
-        return dataclasses.replace(_read_file(path, limits, budget), read_s=time.perf_counter() - t0)
+        try:
+            video = _read_file(path, limits, budget)
+        except OSError as e:  # the file itself (permissions, I/O): FFmpeg's own errors are handled inside
+            raise ProcessingError(f"cannot read video file {str(path)!r} ({e.strerror or type(e).__name__})") from None
+        return dataclasses.replace(video, read_s=time.perf_counter() - t0)
     frames = _from_array(src)
     rate = float(source_fps or fps)
     idx = sample_indices(len(frames), rate, label="array", **limits)
@@ -188,13 +192,15 @@ def _mp4_problem(path: Path) -> str | None:
 
 
 _EBML, _SEGMENT = 0x1A45DFA3, 0x18538067  # Matroska/WebM: the EBML header's and the Segment's element IDs
+_EBML_GLOBAL = (0xEC, 0xBF)  # Void and CRC-32: allowed at the top level, before the Segment
 
 
 def _matroska_problem(path: Path) -> str | None:
     """A Matroska/WebM file (mkv, webm) whose Segment runs past the end of the file, by the size
     its header declares: truncated. FFmpeg reads such a file up to where it stops, as a shorter
     video, and these files announce no frame count to compare with. None for other files and for
-    a Segment of unknown size (a live recording)."""
+    a Segment of unknown size (live recordings write one: such a file, cut, still reads as a shorter
+    video)."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(4096)
@@ -216,12 +222,16 @@ def _matroska_problem(path: Path) -> str | None:
             return None
         length, at, _ = vint(at, False)
         ident, at, _ = vint(at + length, True)
+        while ident in _EBML_GLOBAL:
+            length, at, _ = vint(at, False)
+            ident, at, _ = vint(at + length, True)
         length, at, unknown = vint(at, False)
     except ValueError:
         return None
     if ident != _SEGMENT or unknown or at + length <= size:
         return None
-    return f"{str(path)!r} is truncated: its Matroska segment needs {at + length} bytes but the file has {size}"
+    return (f"{str(path)!r} is truncated: its Matroska segment needs {at + length} bytes but the file has {size} "
+            f"(download it again, or keep what is there with `ffmpeg -i IN -c copy OUT`)")
 
 
 def _count_frames(path: Path) -> int:

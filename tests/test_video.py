@@ -415,8 +415,35 @@ def test_a_truncated_mkv_or_webm_is_an_error_not_a_shorter_video(suffix, codec, 
     for keep in (len(data) - 16, len(data) // 2, 300):
         cut.write_bytes(data[:keep])
         with pytest.raises(ProcessingError, match=rf"cut\.{suffix}' is truncated: its Matroska segment needs "
-                                                  rf"{len(data)} bytes but the file has {keep}$"):
+                                                  rf"{len(data)} bytes but the file has {keep} \(download it again"):
             read_video(cut)
+    # the segment's size field: after the EBML header (ID, size, body) and the segment's 4-byte ID
+    width = lambda b: 9 - b.bit_length()  # noqa: E731 - an EBML variable-length integer's bytes
+    n = width(data[4])
+    header_end = 4 + n + (int.from_bytes(data[4:4 + n], "big") & ((1 << 7 * n) - 1))
+    at = header_end + 4
+    n = width(data[at])
+    unknown = data[:at] + ((1 << 7 * n + 1) - 1).to_bytes(n, "big") + data[at + n:]  # a live recording's
+    void = data[:header_end] + bytes([0xEC, 0x82, 0, 0]) + data[header_end:]  # a Void element first
+    for name, whole in (("appended", data + bytes(100)), ("unknown", unknown), ("void", void)):
+        (tmp_path / f"{name}.{suffix}").write_bytes(whole)
+        assert read_video(tmp_path / f"{name}.{suffix}", fps=4.0).num_frames == 12, name
+    cut.write_bytes(void[:len(void) // 2])
+    with pytest.raises(ProcessingError, match=rf"segment needs {len(void)} bytes but the file has {len(void) // 2}"):
+        read_video(cut)
+
+
+def test_an_unreadable_video_file_is_one_clear_error(tmp_path, monkeypatch):
+    import ep_jax.video as video
+
+    path = write_mp4(tmp_path / "clip.mp4", _frames(4, 48, 64))
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(video, "_read_file", denied)
+    with pytest.raises(ProcessingError, match=r"cannot read video file '.*clip\.mp4' \(Permission denied\)"):
+        read_video(path)
 
 
 # ---------------------------------------------------------------------- CLI

@@ -14,7 +14,10 @@ video, `dense_segments`: its frame pairs as a batch of equal segments, each agai
 the windows as a batch of equal windows (`dense_windows`: each window's rows, at most 64 for
 Qwen2.5-VL, so window attention costs 64 keys a query). P is padded to a bucket: padding
 patches never reach a real one and are never read back. The host and the graph read QUERY_BLOCK
-and SEGMENT_SCORES from this module at the same time: change them before preparing inputs.
+and SEGMENT_SCORES from this module at the same time: change them before preparing inputs. The
+graph reads the others (ROTATE_IN_GROUPS, ROW_CHUNK, CPU_GROUP_SCORES) when it is traced: a
+model's compiled programs (`model.compiled`) keep the settings they were traced with, so clear
+that cache after changing them.
 
 On CPU the graph is shaped for XLA:CPU's two-level parallelism (independent ops side by side on
 its threads, each op's data best kept in cache): attention segments go in small groups
