@@ -129,8 +129,6 @@ def test_vision_attention_layouts_match_transformers(kind, full, rotate_in_group
     if full == "bands":
         monkeypatch.setattr(vision, "SEGMENT_SCORES", 0)
     _, tm, model = qwen
-    # the settings above shape the graph, not only its inputs: no program compiled under others
-    monkeypatch.setattr(model, "compiled", {})
     rows, vis = _case(kind)
     ids, mask, types = _batch(rows)
     pixels = vis.pop("pixel_values", None)
@@ -158,6 +156,26 @@ def test_vision_attention_layouts_match_transformers(kind, full, rotate_in_group
     got = ep_jax.forward(model, ids, pixels, mask, **vis).logits
     valid = mask.astype(bool)
     np.testing.assert_allclose(got[valid], ref[valid], atol=1e-4, rtol=0)
+
+
+def test_vision_settings_are_part_of_the_compile_key(qwen, monkeypatch):
+    """A setting the tower's graph reads when traced (ROTATE_IN_GROUPS, ROW_CHUNK, ...) but the
+    inputs do not show: changed, the same inputs compile anew, never reuse the other program."""
+    from ep_jax.families.qwen2_5_vl import vision
+    from ep_jax.runtime.engine import compile_stats
+
+    _, _, model = qwen
+    rows, vis = _case("mixed")
+    ids, mask, _ = _batch(rows)
+    pixels = vis.pop("pixel_values", None)
+    first = ep_jax.forward(model, ids, pixels, mask, **vis).logits
+    before = compile_stats(model)["compiles"]
+    ep_jax.forward(model, ids, pixels, mask, **vis)
+    assert compile_stats(model)["compiles"] == before  # same settings: the cached program
+    monkeypatch.setattr(vision, "ROTATE_IN_GROUPS", not vision.ROTATE_IN_GROUPS)
+    again = ep_jax.forward(model, ids, pixels, mask, **vis).logits
+    assert compile_stats(model)["compiles"] == before + 1
+    np.testing.assert_allclose(again, first, atol=1e-5, rtol=0)
 
 
 def test_full_attention_layout_choice():

@@ -39,6 +39,9 @@ class Family:
     # K when neither the command nor a preset gives one: the paper's setting for the family
     # (LLaVA-1.5 and LLaVA-NeXT 2, Qwen2.5-VL 1)
     default_prune_layer: int = 2
+    # () -> the module settings the family's graph reads when it is traced (part of the compile
+    # cache's key, so changing one compiles anew)
+    graph_settings: Callable[[], tuple] = lambda: ()
 
 
 FAMILIES: dict[str, Family] = {}

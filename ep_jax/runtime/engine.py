@@ -68,7 +68,8 @@ def compiled(model, fn: Callable, static: dict, args: tuple, donate: tuple[int, 
     """`fn(model.graphdef, *args, **static)` compiled ahead of time for these static settings
     and argument shapes, once per model."""
     mesh = getattr(model, "mesh", None)
-    key = (fn.__name__, tuple(sorted(static.items())), _signature(args), mesh, attention_implementation())
+    key = (fn.__name__, tuple(sorted(static.items())), _signature(args), mesh, attention_implementation(),
+           model.family.graph_settings())
     hit = model.compiled.get(key)
     if hit is None:
         enable_persistent_cache()

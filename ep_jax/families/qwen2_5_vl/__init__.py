@@ -5,8 +5,8 @@ visual spans (`inputs.py`).
 
 Static shapes: the batch's patches (images and video frames together) are padded to a multiple
 of `vision.PATCH_BUCKET` (1,024; `VIDEO_PATCH_BUCKET`, 256, when the batch holds a video), the
-visual slots n to a multiple of LLaVA-NeXT's `SLOT_BUCKET`
-(256 merged tokens: for images, the same bucket as their 1,024 patches); positions [3, b, s] are transformers' `get_rope_index`,
+visual slots n to a multiple of LLaVA-NeXT's `SLOT_BUCKET` (256 merged tokens: for images, the
+same bucket as their 1,024 patches); positions [3, b, s] are transformers' `get_rope_index`,
 computed on the host.
 """
 
@@ -17,6 +17,7 @@ from ep_jax.families import llava as _llava
 from ep_jax.families.base import Family, register
 from ep_jax.families.qwen2_5_vl.config import Qwen25VLConfig
 from ep_jax.families.qwen2_5_vl.inputs import image_slots, model_inputs, rope_index, token_types  # noqa: F401
+from ep_jax.families.qwen2_5_vl import vision as _vision
 from ep_jax.families.qwen2_5_vl.model import Qwen25VL
 from ep_jax.hf import Entry
 
@@ -102,4 +103,5 @@ FAMILY = register(Family(
     preset_fields=preset_fields,
     default_template="qwen2_5_vl",
     default_prune_layer=1,
+    graph_settings=_vision.graph_settings,
 ))

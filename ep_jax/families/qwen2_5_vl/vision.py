@@ -15,9 +15,8 @@ the windows as a batch of equal windows (`dense_windows`: each window's rows, at
 Qwen2.5-VL, so window attention costs 64 keys a query). P is padded to a bucket: padding
 patches never reach a real one and are never read back. The host and the graph read QUERY_BLOCK
 and SEGMENT_SCORES from this module at the same time: change them before preparing inputs. The
-graph reads the others (ROTATE_IN_GROUPS, ROW_CHUNK, CPU_GROUP_SCORES) when it is traced: a
-model's compiled programs (`model.compiled`) keep the settings they were traced with, so clear
-that cache after changing them.
+graph reads them and the others (`graph_settings`) when it is traced; they are part of the
+compile cache's key, so a program compiled under other settings is never reused.
 
 On CPU the graph is shaped for XLA:CPU's two-level parallelism (independent ops side by side on
 its threads, each op's data best kept in cache): attention segments go in small groups
@@ -227,6 +226,12 @@ def layout(grids, cfg: QwenVisionConfig, padded: int) -> VisionLayout:
 
 
 # ---------------------------------------------------------------------- graph
+def graph_settings() -> tuple:
+    """The settings of this module the graph reads when it is traced (the family's
+    `graph_settings`: part of the compile cache's key)."""
+    return QUERY_BLOCK, SEGMENT_SCORES, CPU_GROUP_SCORES, ROW_CHUNK, ROTATE_IN_GROUPS
+
+
 def _on_cpu() -> bool:
     """Whether the graph is shaped for XLA:CPU (CPU_GROUP_SCORES, ROW_CHUNK; see the module docstring)."""
     return jax.default_backend() == "cpu"
