@@ -171,8 +171,8 @@ def tower_variants(model, enc, rounds: int) -> dict[str, dict]:
 
 def tower_lines(towers: dict[str, dict]) -> list[str]:
     base = towers["as run"]["ms"]
-    return [f"The vision tower alone, as run and with each of its {len(towers) - 1} choices undone, called in turn (median; "
-            "settings of `families/qwen2_5_vl/vision.py`):", "",
+    return [f"The vision tower alone, as run and with each of its {len(towers) - 1} choices undone, called in turn "
+            "(median; settings of `families/qwen2_5_vl/vision.py`):", "",
             "| tower | patches (padded) | ms | vs as run | compile s |", "|---|---:|---:|---:|---:|",
             *(f"| {name} | {t['patches']} | {t['ms']:.0f} | {t['ms'] / base:.2f}x | {t['compile_s']:.1f} |"
               for name, t in towers.items())]

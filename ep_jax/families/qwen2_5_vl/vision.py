@@ -237,7 +237,8 @@ def _on_cpu() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def _rotate(x: Float[Array, "... n h"], cos: Float[Array, "... h"], sin: Float[Array, "... h"]) -> Float[Array, "... n h"]:
+def _rotate(x: Float[Array, "... n h"], cos: Float[Array, "... h"],
+            sin: Float[Array, "... h"]) -> Float[Array, "... n h"]:
     """The 2-D rotary embedding of rows x (every head), with each row's own cos and sin."""
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
